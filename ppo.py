@@ -493,6 +493,24 @@ def truncate_after_stop(responses, stop_id: Optional[int]):
     return [r[:n] for r, n in zip(responses, lengths.tolist())], contains_stop
 
 
+def make_generation_config(args: Args, tokenizer):
+    """Sampling from the full distribution at --temperature (no top-k/top-p unless asked), stopping after
+    --stop-token. Returns the config and the stop token id (None: responses always run to full length)."""
+    if args.stop_token in (None, "none"):
+        stop_id = None
+    elif args.stop_token == "eos":
+        stop_id = tokenizer.eos_token_id
+    else:
+        ids = tokenizer(args.stop_token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise UserError(f"--stop-token {args.stop_token!r} is {len(ids)} tokens for this tokenizer; it must be one")
+        stop_id = ids[0]
+    gen_config = GenerationConfig(
+        max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, eos_token_id=stop_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    return gen_config, stop_id
+
+
 @torch.no_grad()
 def generate(lm, queries, pad_id: int, gen_config: GenerationConfig, device):
     """Sample responses for a list of queries. Our generation config replaces the model's own for the call
@@ -687,10 +705,10 @@ def load_checkpoint(path: Path, policy, optimizer, kl_ctl, score_moments, genera
     if not path.exists() and path.with_name(path.name + ".old").exists():  # crash between the two renames
         path = path.with_name(path.name + ".old")
     state = torch.load(path / "training_state.pt", weights_only=True)
-    if hasattr(policy.lm, "load_adapter"):
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
+    from peft import PeftModel, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
 
+    if isinstance(policy.lm, PeftModel):
         set_peft_model_state_dict(policy.lm, load_peft_weights(str(path)))
     else:
         policy.lm.load_state_dict(type(policy.lm).from_pretrained(path).state_dict())
@@ -764,19 +782,7 @@ def main(args: Args):
     prompts = build_prompts(dataset, tokenizer, args.dataset_text_field, args.prompt_min_tokens,
                             args.prompt_max_tokens, args.seed)
 
-    # Generation: sample from the full distribution at --temperature, stop after --stop-token
-    if args.stop_token in (None, "none"):
-        stop_id = None
-    elif args.stop_token == "eos":
-        stop_id = tokenizer.eos_token_id
-    else:
-        ids = tokenizer(args.stop_token, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise UserError(f"--stop-token {args.stop_token!r} is {len(ids)} tokens for this tokenizer; it must be one")
-        stop_id = ids[0]
-    gen_config = GenerationConfig(
-        max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_token_id=stop_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    gen_config, stop_id = make_generation_config(args, tokenizer)
 
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon, args.adaptive_kl)
     score_moments = RunningMoments()

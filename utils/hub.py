@@ -99,6 +99,8 @@ def load_dataset(name: str, split: str, flag: str = "--dataset"):
     builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
     try:
         if path.is_file():
+            if not path.read_bytes().strip():
+                raise UserError(f"{flag} {name!r} is empty: there is nothing to train on")
             if path.suffix not in builders:
                 raise UserError(f"{flag} {name!r}: unknown file type; use one of {sorted(builders)}")
             ds = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")

@@ -1,0 +1,27 @@
+"""Shared fixtures: the offline tiny assets (built once, cached in ./tiny)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    """Path of the tiny assets folder (see utils/assets.py for its layout)."""
+    from utils.assets import build
+
+    return build()
+
+
+def run_script(*argv, check=True, timeout=600):
+    """Run one of our scripts as a user would (`python ppo.py ...` from the repo root)."""
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc

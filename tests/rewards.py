@@ -1,0 +1,11 @@
+"""Reward functions used by the tests through `--reward-fn tests/rewards.py:NAME` (as a user would)."""
+
+
+def letter_e_fraction(prompts, completions, completion_ids):
+    """Fraction of the completion's characters that are the letter 'e': dense, and climbable only by a policy
+    that really shifts probability towards e-heavy tokens."""
+    return [c.count("e") / max(len(c), 1) for c in completions]
+
+
+def nan_reward(prompts, completions, completion_ids):
+    return [float("nan")] * len(completions)
