@@ -9,14 +9,9 @@ rewards, the PPO step (usable as a library: `ppo_step`), checkpoints, and the tr
     python ppo.py --model tiny/policy --reward-model tiny/reward --dataset tiny/prompts.jsonl   # offline
 """
 
-import dataclasses
-import importlib
-import importlib.util
-import json
+import copy
+import functools
 import math
-import os
-import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +28,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           GenerationConfig)
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
+from utils.runtime import Tracker, atomic_dir, autocast, complete_checkpoint, load_function, peak_memory_mb, pick_device
 
 
 @dataclass
@@ -350,12 +346,16 @@ class RunningMoments:
 # ---------------------------------------------------------------------------------------------------------
 # Rewards: a sequence classifier (its own tokenizer) and/or a Python function; scores are added
 # ---------------------------------------------------------------------------------------------------------
-def reward_vader(prompts, completions, completion_ids):
-    """VADER compound sentiment of the completion, in [-1, 1] (a rule-based sentiment judge)."""
+@functools.cache
+def vader():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    analyzer = SentimentIntensityAnalyzer()
-    return [analyzer.polarity_scores(c)["compound"] for c in completions]
+    return SentimentIntensityAnalyzer()
+
+
+def reward_vader(prompts, completions, completion_ids):
+    """VADER compound sentiment of the completion, in [-1, 1] (a rule-based sentiment judge)."""
+    return [vader().polarity_scores(c)["compound"] for c in completions]
 
 
 def reward_length(prompts, completions, completion_ids):
@@ -364,28 +364,6 @@ def reward_length(prompts, completions, completion_ids):
 
 
 REWARD_FUNCTIONS = {"vader": reward_vader, "length": reward_length}
-
-
-def load_reward_fn(spec: str) -> Callable:
-    """A built-in name, `path/to/file.py:function` or `package.module:function`."""
-    if spec in REWARD_FUNCTIONS:
-        return REWARD_FUNCTIONS[spec]
-    if ":" not in spec:
-        raise UserError(f"--reward-fn {spec!r}: not a built-in ({', '.join(REWARD_FUNCTIONS)}) "
-                        "and not of the form path/to/file.py:function or module:function")
-    where, name = spec.rsplit(":", 1)
-    try:
-        if where.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except FileNotFoundError:
-        raise UserError(f"--reward-fn {spec!r}: file {where!r} not found") from None
-    if not callable(getattr(module, name, None)):
-        raise UserError(f"--reward-fn {spec!r}: {where} has no function {name!r}")
-    return getattr(module, name)
 
 
 def call_reward_fn(fn: Callable, prompts, completions, completion_ids) -> torch.Tensor:
@@ -668,46 +646,28 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; a no-op on CPU (fp32 there: bf16 matmuls on CPU are slow and less exact)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS of the process (Linux: KiB)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: HF-format policy + value head + training state, written atomically
 # ---------------------------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration, generator):
-    """Write into `path`.tmp, then swap it into place: a crash mid-save never leaves a half checkpoint."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.lm.save_pretrained(tmp)  # full model, or the LoRA adapter only
-    tokenizer.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, tmp / "value_head.safetensors")
-    torch.save({
-        "iteration": iteration, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-        "score_moments": [score_moments.mean, score_moments.var, score_moments.count],
-        "rng": torch.get_rng_state(), "generator": generator.get_state(),
-    }, tmp / "training_state.pt")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    """HF-format policy (or LoRA adapter) + value head + training state, swapped into place atomically."""
+    with atomic_dir(path) as tmp:
+        policy.lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, tmp / "value_head.safetensors")
+        torch.save({
+            "iteration": iteration, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+            "score_moments": [score_moments.mean, score_moments.var, score_moments.count],
+            "rng": torch.get_rng_state(), "generator": generator.get_state(),
+        }, tmp / "training_state.pt")
 
 
 def load_checkpoint(path: Path, policy, optimizer, kl_ctl, score_moments, generator) -> int:
-    """Restore the state saved by save_checkpoint; returns the number of iterations done."""
-    if not path.exists() and path.with_name(path.name + ".old").exists():  # crash between the two renames
-        path = path.with_name(path.name + ".old")
-    state = torch.load(path / "training_state.pt", weights_only=True)
+    """Restore the state saved by save_checkpoint (no pickle: weights_only); returns the iterations done."""
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
+    state = torch.load(path / "training_state.pt", weights_only=True)
     if isinstance(policy.lm, PeftModel):
         set_peft_model_state_dict(policy.lm, load_peft_weights(str(path)))
     else:
@@ -728,81 +688,63 @@ def main(args: Args):
     args = check_args(args)
     quiet_libraries()
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
-    resuming = args.resume and (ckpt_dir.exists() or ckpt_dir.with_name("checkpoint.old").exists())
-    if args.resume and not resuming:
+    resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
+    if args.resume and resume_from is None:
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)  # minibatch shuffling
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    generator = torch.Generator().manual_seed(args.seed)  # mini-batch shuffling
 
     # Policy + value head, reference model, tokenizer
-    config = from_pretrained(AutoConfig, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    remote = dict(trust_remote_code=args.trust_remote_code)
+    config = from_pretrained(AutoConfig, args.model, "--model", **remote)
     if config.is_encoder_decoder:
         raise UserError(f"--model {args.model!r} is an encoder-decoder model; use ppo_seq2seq.py for it")
-    tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", **remote)
     if tokenizer.pad_token_id is None:
         # documented default: pad with EOS. Safe here because every mask comes from sequence lengths, never
         # from comparing ids with pad_token_id, so a real EOS inside a response is never mistaken for padding.
         tokenizer.pad_token = tokenizer.eos_token
-    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code)
-    ref_lm = None
-    if args.lora_r > 0:
+    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", **remote)
+    if args.lora_r > 0:  # reference = the same model with adapters disabled: no second copy in memory
         from peft import LoraConfig, get_peft_model
 
         lm = get_peft_model(lm, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                            target_modules=args.lora_target_modules, task_type="CAUSAL_LM"))
+        ref_lm = None
     else:
-        ref_lm = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        ref_lm.requires_grad_(False)
-        ref_lm.to(device).eval()
+        ref_lm = copy.deepcopy(lm).requires_grad_(False).to(device).eval()
     policy = PolicyAndValue(lm, config.get_text_config().hidden_size).to(device)
     # Dropout off in rollout *and* training (eval mode throughout, as the seed library): the log-probs of the
     # update then equal the rollout's exactly at the first step, so the ratio starts at 1.
     policy.eval()
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate)
 
-    # Rewards
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    reward_model = reward_tokenizer = None
+    # Rewards: a classifier with its own tokenizer and/or a Python function
+    reward_fn = load_function(args.reward_fn, "--reward-fn", REWARD_FUNCTIONS) if args.reward_fn else None
     if args.reward_model:
         reward_model = from_pretrained(AutoModelForSequenceClassification, args.reward_model, "--reward-model",
-                                       trust_remote_code=args.trust_remote_code).to(device).eval()
-        reward_tokenizer = from_pretrained(AutoTokenizer, args.reward_model, "--reward-model",
-                                           trust_remote_code=args.trust_remote_code)
+                                       **remote).to(device).eval()
+        reward_tokenizer = from_pretrained(AutoTokenizer, args.reward_model, "--reward-model", **remote)
         if reward_tokenizer.pad_token_id is None:
             reward_tokenizer.pad_token = reward_tokenizer.eos_token
         if reward_model.config.pad_token_id is None:  # else the classifier may read its score at a pad token
             reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
         label_index = reward_label_index(reward_model.config, args.reward_label)
 
-    # Prompts
+    # Prompts and sampling
     dataset = load_dataset(args.dataset, args.dataset_split)
     prompts = build_prompts(dataset, tokenizer, args.dataset_text_field, args.prompt_min_tokens,
                             args.prompt_max_tokens, args.seed)
-
     gen_config, stop_id = make_generation_config(args, tokenizer)
 
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon, args.adaptive_kl)
     score_moments = RunningMoments()
     start_iteration = 0
-    if resuming:
-        start_iteration = load_checkpoint(ckpt_dir, policy, optimizer, kl_ctl, score_moments, generator)
-        print(f"resumed from {ckpt_dir} after iteration {start_iteration}")
-
-    # Outputs: args.json, metrics.jsonl (truncated to the checkpoint on resume), wandb
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    metrics_path = out_dir / "metrics.jsonl"
-    kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["iteration"] <= start_iteration] \
-        if resuming and metrics_path.exists() else []
-    metrics_path.write_text("".join(l + "\n" for l in kept))
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project, name=f"{args.exp_name}_{args.seed}", config=dataclasses.asdict(args),
-                   dir=str(out_dir), id=f"{args.exp_name}-{args.seed}-{int(time.time())}")
+    if resume_from is not None:
+        start_iteration = load_checkpoint(resume_from, policy, optimizer, kl_ctl, score_moments, generator)
+        print(f"resumed from {resume_from} after iteration {start_iteration}")
+    tracker = Tracker(out_dir, args, start_iteration, args.track, args.wandb_project)
     print(f"PPO: {args.num_iterations} iterations x {args.batch_size} episodes on {device}; "
           f"{len(prompts)} prompts; outputs in {out_dir}")
 
@@ -821,13 +763,13 @@ def main(args: Args):
         prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
         scores = torch.zeros(len(queries))
-        if reward_model is not None:
+        if args.reward_model:
             texts = [p + c for p, c in zip(prompt_texts, completions)]
             scores += score_with_model(reward_model, reward_tokenizer, texts, label_index, args.micro_batch_size, device)
+            if not torch.isfinite(scores).all():
+                raise UserError(f"--reward-model {args.reward_model!r} returned NaN/inf scores")
         if reward_fn is not None:
             scores += call_reward_fn(reward_fn, prompt_texts, completions, [r.tolist() for r in responses])
-        if not torch.isfinite(scores).all():
-            raise UserError("the reward model returned NaN/inf scores; check --reward-model")
         if args.missing_eos_penalty is not None and stop_id is not None:
             scores[~contains_stop] -= args.missing_eos_penalty
         rollout_time = time.perf_counter() - start
@@ -845,10 +787,7 @@ def main(args: Args):
             "perf/rollout_s": rollout_time, "perf/iteration_s": iteration_time,
             "perf/peak_memory_mb": peak_memory_mb(device),
         })
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(stats) + "\n")
-        if args.track:
-            wandb.log(stats, step=iteration + 1)
+        tracker.log(stats)
         bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:+.3f} "
                   f"| beta {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
                   f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
@@ -857,15 +796,13 @@ def main(args: Args):
             save_checkpoint(ckpt_dir, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration + 1, generator)
 
     # Final model at the top of the output folder: AutoModelForCausalLM.from_pretrained(output_dir) loads it
-    final_lm = policy.lm.merge_and_unload() if args.lora_r > 0 else policy.lm
-    final_lm.save_pretrained(out_dir)
+    (policy.lm.merge_and_unload() if args.lora_r > 0 else policy.lm).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, out_dir / "value_head.safetensors")
-    if args.track:
-        wandb.finish()
-    print(f"done: policy in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {metrics_path}, "
+    tracker.close()
+    print(f"done: policy in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "
           f"resumable checkpoint in {ckpt_dir}")
-    return metrics_path
+    return tracker.path
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def test_cli_run_saves_loadable_checkpoint(assets, tmp_path):
     proc = run_script("ppo.py", "--model", assets / "policy", "--reward-model", assets / "reward",
                       "--dataset", assets / "prompts.jsonl", "--output-dir", out, "--total-episodes", 16,
                       "--batch-size", 8, "--mini-batch-size", 4, "--gradient-accumulation-steps", 2,
-                      "--response-length", 8, "--ppo-epochs", 2, "--missing-eos-penalty", 1.0)
+                      "--response-length", 8, "--ppo-epochs", 2, "--missing-eos-penalty", 1.0, "--track")
     assert "iter    2 |" in proc.stdout + proc.stderr and "done: policy in" in proc.stdout
     metrics = read_metrics(out / "metrics.jsonl")
     assert [m["iteration"] for m in metrics] == [1, 2]
@@ -40,6 +40,7 @@ def test_cli_run_saves_loadable_checkpoint(assets, tmp_path):
     assert model.config.n_layer == 2
     assert set(load_file(out / "value_head.safetensors")) == {"weight", "bias"}
     assert (out / "checkpoint" / "training_state.pt").exists()
+    assert list((out / "wandb").glob("offline-run-*"))  # --track logged (WANDB_MODE=offline in tests)
     # the trained weights differ from the initial ones: the run really updated the policy
     initial = AutoModelForCausalLM.from_pretrained(assets / "policy")
     assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, initial.transformer.h[0].mlp.c_fc.weight)

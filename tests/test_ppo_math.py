@@ -215,7 +215,7 @@ def test_reward_function_checks():
     assert ppo.call_reward_fn(ppo.reward_length, ["a"], ["bc"], [[1, 2]]).tolist() == [2.0]
     assert ppo.call_reward_fn(ppo.reward_vader, ["", ""], ["great wonderful", "awful terrible"], [[1], [2]])[0] > 0.5
     with pytest.raises(ppo.UserError, match="not a built-in"):
-        ppo.load_reward_fn("nonexistent")
+        ppo.load_function("nonexistent", "--reward-fn", ppo.REWARD_FUNCTIONS)
 
 
 def test_first_update_is_on_policy(assets):

@@ -1,0 +1,117 @@
+"""Run plumbing shared by the scripts: device and precision, outputs (metrics.jsonl, wandb, stdout), atomic
+checkpoints, and user-supplied Python functions. Nothing here is part of an algorithm."""
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import resource
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from utils.hub import UserError
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; TF32 matmuls on CUDA (bf16 autocast does the rest)."""
+    device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op on CPU (fp32 there: bf16 matmuls on CPU are slow and less exact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else the peak resident memory of the process (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Tracker:
+    """Writes args.json and one JSON line per step to metrics.jsonl in the output folder, mirrors them to wandb
+    with `track=True`. On resume, lines past the checkpoint's step are dropped so no step appears twice."""
+
+    def __init__(self, out_dir: Path, args, resume_step: int = 0, track: bool = False, project: str = "",
+                 step_key: str = "iteration"):
+        self.path, self.step_key, self.wandb = Path(out_dir) / "metrics.jsonl", step_key, None
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        kept = []
+        if resume_step and self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if json.loads(l)[step_key] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        if track:
+            import wandb
+
+            self.wandb = wandb.init(project=project, name=f"{args.exp_name}_{args.seed}", config=dataclasses.asdict(args),
+                                    dir=str(out_dir), id=f"{args.exp_name}-{args.seed}-{int(time.time())}")
+
+    def log(self, stats: dict, **media):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({**stats, **media}, step=stats[self.step_key])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+@contextmanager
+def atomic_dir(path: Path):
+    """Yield a temporary folder; when the block succeeds, swap it in at `path` (old copy kept as `path.old`
+    until the swap is done). A crash mid-save never leaves a half-written checkpoint at `path`."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoint(path: Path):
+    """The last complete checkpoint written by atomic_dir at `path` (or its `.old` twin after a crash
+    between the two renames), or None."""
+    path = Path(path)
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def load_function(spec: str, flag: str, builtins: dict) -> Callable:
+    """A function named `spec`: a key of `builtins`, `path/to/file.py:function` or `package.module:function`."""
+    if spec in builtins:
+        return builtins[spec]
+    if ":" not in spec:
+        raise UserError(f"{flag} {spec!r}: not a built-in ({', '.join(builtins)}) "
+                        "and not of the form path/to/file.py:function or module:function")
+    where, name = spec.rsplit(":", 1)
+    try:
+        if where.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except (FileNotFoundError, ModuleNotFoundError):
+        raise UserError(f"{flag} {spec!r}: {where!r} not found") from None
+    if not callable(getattr(module, name, None)):
+        raise UserError(f"{flag} {spec!r}: {where} has no function {name!r}")
+    return getattr(module, name)
