@@ -10,13 +10,14 @@ rewards, the PPO step (usable as a library: `ppo_step`), checkpoints, and the tr
 """
 
 import copy
+import dataclasses
 import functools
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           GenerationConfig)
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import Tracker, atomic_dir, autocast, complete_checkpoint, load_function, peak_memory_mb, pick_device
+from utils.runtime import (Tracker, atomic_dir, autocast, call_reward_fn, complete_checkpoint, load_function,
+                           peak_memory_mb, pick_device)
 
 
 @dataclass
@@ -58,8 +60,11 @@ class Args:
     """sequence classifier scoring prompt+response text (hub id or folder); 'none' to use --reward-fn only"""
     reward_label: str = "POSITIVE"
     """label whose logit is the score, by name or index (ignored for 1-output reward models)"""
-    reward_fn: Optional[str] = None
-    """reward function instead of a model: a built-in name (vader, length) or path/to/file.py:function"""
+    reward_fn: list[str] = dataclasses.field(default_factory=list)
+    """reward functions fn(prompts, completions, completion_ids) -> floats: built-in names (vader, length) or
+    path/to/file.py:function or module:function; several are added up"""
+    reward_weights: Optional[list[float]] = None
+    """weights of the rewards, in order: --reward-model (if any), then each --reward-fn (default: all 1)"""
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
     dataset: str = "stanfordnlp/imdb"
@@ -166,8 +171,6 @@ def check_args(args: Args) -> Args:
                                       "--mini-batch-size / --gradient-accumulation-steps")
     if args.reward_model in (None, "none", ""):
         args.reward_model = None
-    if args.reward_model is None and args.reward_fn is None:
-        raise UserError("no reward: give --reward-model, --reward-fn, or both (scores are added)")
     if not 1 <= args.prompt_min_tokens <= args.prompt_max_tokens:
         raise UserError("need 1 <= --prompt-min-tokens <= --prompt-max-tokens")
     if args.temperature <= 0:
@@ -364,22 +367,6 @@ def reward_length(prompts, completions, completion_ids):
 
 
 REWARD_FUNCTIONS = {"vader": reward_vader, "length": reward_length}
-
-
-def call_reward_fn(fn: Callable, prompts, completions, completion_ids) -> torch.Tensor:
-    """Call a reward function and check it returned one finite float per sample."""
-    scores = fn(prompts, completions, completion_ids)
-    try:
-        scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"reward function {fn.__name__} must return one float per sample ({err})") from None
-    if len(scores) != len(completions):
-        raise UserError(f"reward function {fn.__name__} returned {len(scores)} scores for {len(completions)} samples")
-    if not torch.isfinite(scores).all():
-        bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
-        raise UserError(f"reward function {fn.__name__} returned NaN/inf for samples {bad[:10]}: "
-                        f"e.g. completion {completions[bad[0]]!r}")
-    return scores
 
 
 def reward_label_index(config, label: str) -> int:
@@ -686,6 +673,12 @@ def load_checkpoint(path: Path, policy, optimizer, kl_ctl, score_moments, genera
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args):
     args = check_args(args)
+    n_rewards = (args.reward_model is not None) + len(args.reward_fn)
+    if n_rewards == 0:
+        raise UserError("no reward: give --reward-model, --reward-fn, or both (scores are added)")
+    if args.reward_weights is not None and len(args.reward_weights) != n_rewards:
+        raise UserError(f"--reward-weights has {len(args.reward_weights)} values for {n_rewards} rewards "
+                        "(--reward-model, if any, then each --reward-fn)")
     quiet_libraries()
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
@@ -720,8 +713,8 @@ def main(args: Args):
     policy.eval()
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate)
 
-    # Rewards: a classifier with its own tokenizer and/or a Python function
-    reward_fn = load_function(args.reward_fn, "--reward-fn", REWARD_FUNCTIONS) if args.reward_fn else None
+    # Rewards: a classifier with its own tokenizer and/or Python functions, weighted and added up
+    reward_fns = {spec: load_function(spec, "--reward-fn", REWARD_FUNCTIONS) for spec in args.reward_fn}
     if args.reward_model:
         reward_model = from_pretrained(AutoModelForSequenceClassification, args.reward_model, "--reward-model",
                                        **remote).to(device).eval()
@@ -731,6 +724,7 @@ def main(args: Args):
         if reward_model.config.pad_token_id is None:  # else the classifier may read its score at a pad token
             reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
         label_index = reward_label_index(reward_model.config, args.reward_label)
+    weights = args.reward_weights or [1.0] * (bool(args.reward_model) + len(reward_fns))
 
     # Prompts and sampling
     dataset = load_dataset(args.dataset, args.dataset_split)
@@ -762,14 +756,17 @@ def main(args: Args):
         generate_time = time.perf_counter() - start
         prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = torch.zeros(len(queries))
+        parts = {}  # each reward source's scores, shape: [batch]
         if args.reward_model:
             texts = [p + c for p, c in zip(prompt_texts, completions)]
-            scores += score_with_model(reward_model, reward_tokenizer, texts, label_index, args.micro_batch_size, device)
-            if not torch.isfinite(scores).all():
+            parts["reward_model"] = score_with_model(reward_model, reward_tokenizer, texts, label_index,
+                                                     args.micro_batch_size, device)
+            if not torch.isfinite(parts["reward_model"]).all():
                 raise UserError(f"--reward-model {args.reward_model!r} returned NaN/inf scores")
-        if reward_fn is not None:
-            scores += call_reward_fn(reward_fn, prompt_texts, completions, [r.tolist() for r in responses])
+        for spec, fn in reward_fns.items():
+            parts[spec] = call_reward_fn(fn, len(queries), f"iteration {iteration + 1}", prompt_texts, completions,
+                                         [r.tolist() for r in responses])
+        scores = sum(w * part for w, part in zip(weights, parts.values()))
         if args.missing_eos_penalty is not None and stop_id is not None:
             scores[~contains_stop] -= args.missing_eos_penalty
         rollout_time = time.perf_counter() - start
@@ -782,6 +779,7 @@ def main(args: Args):
             "iteration": iteration + 1, "episodes": (iteration + 1) * args.batch_size,
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/stop_fraction": contains_stop.float().mean().item(),
+            **{f"rewards/{name}": part.mean().item() for name, part in parts.items()},
             "perf/episodes_per_s": args.batch_size / iteration_time,
             "perf/rollout_tokens_per_s": sum(len(r) for r in responses) / generate_time,
             "perf/rollout_s": rollout_time, "perf/iteration_s": iteration_time,

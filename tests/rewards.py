@@ -9,3 +9,12 @@ def letter_e_fraction(prompts, completions, completion_ids):
 
 def nan_reward(prompts, completions, completion_ids):
     return [float("nan")] * len(completions)
+
+
+def crashing_reward(prompts, completions, completion_ids):
+    return [1 / 0 for _ in completions]
+
+
+def short_completions(prompts, completions, completion_ids):
+    """Minus the number of completion tokens: pushes towards early EOS."""
+    return [-float(len(ids)) for ids in completion_ids]

@@ -100,6 +100,8 @@ def test_kl_estimators_run(assets, tmp_path, estimator):
      "--batch-size / --mini-batch-size: 10 is not divisible by 4"),
     (["--reward-model", "none", "--reward-fn", "tests/rewards.py:nan_reward"], "returned NaN/inf"),
     (["--reward-fn", "tests/rewards.py:missing"], "has no function 'missing'"),
+    (["--reward-fn", "vader", "--reward-weights", "1", "2", "3"], "--reward-weights has 3 values for 2 rewards"),
+    (["--reward-fn", "tests/rewards.py:crashing_reward"], "crashing_reward raised on the batch of iteration 1"),
 ])
 def test_bad_input_fails_fast_with_one_line(assets, tmp_path, flags, message):
     (tmp_path / "empty.jsonl").write_text("")
@@ -112,6 +114,9 @@ def test_bad_input_fails_fast_with_one_line(assets, tmp_path, flags, message):
     assert time.perf_counter() - start < 30
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
+    if "raised on the batch" in message:  # the user's traceback follows the error line
+        assert message in proc.stderr and "ZeroDivisionError" in proc.stderr.splitlines()[-1]
+        return
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, proc.stderr
 
@@ -120,7 +125,7 @@ def test_bad_input_fails_fast_with_one_line(assets, tmp_path, flags, message):
 def test_ppo_learns_a_dense_reward(assets, tmp_path):
     """Reward = fraction of 'e' characters in the completion, from a random-init policy (score ~0.10).
     A sign error in the advantages drives it down; a detached policy loss leaves it flat."""
-    args = tiny_args(assets, tmp_path, reward_model="none", reward_fn="tests/rewards.py:letter_e_fraction",
+    args = tiny_args(assets, tmp_path, reward_model="none", reward_fn=["tests/rewards.py:letter_e_fraction"],
                      total_episodes=20 * 64, batch_size=64, mini_batch_size=32, gradient_accumulation_steps=1,
                      response_length=16, ppo_epochs=4, learning_rate=3e-3, kl_coef=0.05,
                      score_scaling="normalize", save_every=100)

@@ -202,20 +202,34 @@ def test_batch_indices_are_seeded_permutations_and_resumable():
 
 
 def test_reward_function_checks():
+    from utils.runtime import call_reward_fn
+
     def bad_length(prompts, completions, ids):
         return [1.0]
 
     def nan(prompts, completions, ids):
-        return [float("nan")] * len(completions)
+        return [0.0, float("nan")]
 
-    with pytest.raises(ppo.UserError, match="returned 1 scores for 2"):
-        ppo.call_reward_fn(bad_length, ["a", "b"], ["c", "d"], [[1], [2]])
-    with pytest.raises(ppo.UserError, match="NaN"):
-        ppo.call_reward_fn(nan, ["a", "b"], ["c", "d"], [[1], [2]])
-    assert ppo.call_reward_fn(ppo.reward_length, ["a"], ["bc"], [[1, 2]]).tolist() == [2.0]
-    assert ppo.call_reward_fn(ppo.reward_vader, ["", ""], ["great wonderful", "awful terrible"], [[1], [2]])[0] > 0.5
+    def broken(prompts, completions, ids):
+        return [len(c) / 0 for c in completions]
+
+    batch = (["a", "b"], ["c", "d"], [[1], [2]])
+    with pytest.raises(ppo.UserError, match="returned 1 scores for 2 samples, iteration 3"):
+        call_reward_fn(bad_length, 2, "iteration 3", *batch)
+    with pytest.raises(ppo.UserError, match=r"NaN/inf for samples \[1\] of the batch of iteration 3"):
+        call_reward_fn(nan, 2, "iteration 3", *batch)
+    with pytest.raises(ppo.UserError) as err:
+        call_reward_fn(broken, 2, "iteration 3", *batch)
+    message = str(err.value)  # the user's own traceback, with their line, and where it happened
+    assert "raised on the batch of iteration 3" in message and "len(c) / 0" in message
+    assert "ZeroDivisionError" in message and "call_reward_fn" not in message
+    assert call_reward_fn(ppo.reward_length, 1, "", ["a"], ["bc"], [[1, 2]]).tolist() == [2.0]
+    vader = call_reward_fn(ppo.reward_vader, 2, "", ["", ""], ["great wonderful", "awful terrible"], [[1], [2]])
+    assert vader[0] > 0.5 > -0.5 > vader[1]
     with pytest.raises(ppo.UserError, match="not a built-in"):
         ppo.load_function("nonexistent", "--reward-fn", ppo.REWARD_FUNCTIONS)
+    with pytest.raises(ppo.UserError, match="--reward-weights has 1 values for 2 rewards"):
+        ppo.check_args(ppo.Args(reward_fn=["vader"], reward_weights=[1.0]))
 
 
 def test_first_update_is_on_policy(assets):
@@ -224,7 +238,7 @@ def test_first_update_is_on_policy(assets):
     lm = AutoModelForCausalLM.from_pretrained(assets / "policy")
     ref = AutoModelForCausalLM.from_pretrained(assets / "policy")
     policy = ppo.PolicyAndValue(lm, lm.config.n_embd).eval()
-    args = ppo.check_args(ppo.Args(reward_fn="length", reward_model=None, batch_size=4, mini_batch_size=4,
+    args = ppo.check_args(ppo.Args(reward_fn=["length"], reward_model=None, batch_size=4, mini_batch_size=4,
                                    total_episodes=4, ppo_epochs=1, temperature=0.8))
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
     queries = [torch.tensor([5, 6, 7]), torch.tensor([8]), torch.tensor([9, 10]), torch.tensor([11])]

@@ -8,6 +8,7 @@ import json
 import resource
 import shutil
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -115,3 +116,24 @@ def load_function(spec: str, flag: str, builtins: dict) -> Callable:
     if not callable(getattr(module, name, None)):
         raise UserError(f"{flag} {spec!r}: {where} has no function {name!r}")
     return getattr(module, name)
+
+
+def call_reward_fn(fn: Callable, n: int, where: str, *inputs) -> torch.Tensor:
+    """Call a user's reward function on a batch of `n` samples and check that it returned one finite float
+    per sample. Its own errors come back with its traceback and the batch (`where`) they happened on."""
+    name = getattr(fn, "__name__", repr(fn))
+    try:
+        scores = fn(*inputs)
+    except Exception as err:
+        frames = traceback.format_exception(type(err), err, err.__traceback__.tb_next)  # drop this frame
+        raise UserError(f"reward function {name} raised on the batch of {where}:\n{''.join(frames).rstrip()}") from None
+    try:
+        scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"reward function {name} must return one float per sample ({err}), {where}") from None
+    if len(scores) != n:
+        raise UserError(f"reward function {name} returned {len(scores)} scores for {n} samples, {where}")
+    if not torch.isfinite(scores).all():
+        bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
+        raise UserError(f"reward function {name} returned NaN/inf for samples {bad[:10]} of the batch of {where}")
+    return scores
