@@ -29,8 +29,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           GenerationConfig)
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import (Tracker, atomic_dir, autocast, call_reward_fn, complete_checkpoint, load_function,
-                           peak_memory_mb, pick_device)
+from utils.runtime import (Tracker, all_gather, atomic_dir, autocast, call_reward_fn, complete_checkpoint,
+                           distributed, init_distributed, load_function, mean_over_processes, peak_memory_mb)
 
 
 @dataclass
@@ -112,9 +112,9 @@ class Args:
     total_episodes: int = 25600
     """total number of prompts to train on"""
     batch_size: int = 128
-    """episodes (prompts) per iteration"""
+    """episodes (prompts) per iteration, over all processes (under torchrun each rank gets batch_size / world)"""
     mini_batch_size: int = 128
-    """episodes per optimizer step"""
+    """episodes per optimizer step, over all processes"""
     gradient_accumulation_steps: int = 1
     """micro-batches per mini-batch (micro batch = mini_batch_size / gradient_accumulation_steps)"""
     ppo_epochs: int = 4
@@ -151,10 +151,16 @@ class Args:
     """modules to adapt (default: peft's choice for the architecture)"""
 
     # computed at runtime from the above (not flags)
+    world_size: tyro.conf.Suppress[int] = 1
+    """number of processes (torchrun's WORLD_SIZE)"""
     num_iterations: tyro.conf.Suppress[int] = 0
     """number of PPO iterations = total_episodes / batch_size"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """episodes per iteration on this process = batch_size / world_size"""
+    local_mini_batch_size: tyro.conf.Suppress[int] = 0
+    """episodes per optimizer step on this process = mini_batch_size / world_size"""
     micro_batch_size: tyro.conf.Suppress[int] = 0
-    """mini_batch_size / gradient_accumulation_steps"""
+    """episodes per forward/backward on this process = local_mini_batch_size / gradient_accumulation_steps"""
 
 
 def exact_div(a: int, b: int, what: str) -> int:
@@ -163,12 +169,15 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def check_args(args: Args) -> Args:
+def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes."""
+    args.world_size = world_size
     args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     exact_div(args.batch_size, args.mini_batch_size, "--batch-size / --mini-batch-size")
-    args.micro_batch_size = exact_div(args.mini_batch_size, args.gradient_accumulation_steps,
-                                      "--mini-batch-size / --gradient-accumulation-steps")
+    args.local_batch_size = exact_div(args.batch_size, world_size, "--batch-size / processes")
+    args.local_mini_batch_size = exact_div(args.mini_batch_size, world_size, "--mini-batch-size / processes")
+    args.micro_batch_size = exact_div(args.local_mini_batch_size, args.gradient_accumulation_steps,
+                                      "--mini-batch-size / processes / --gradient-accumulation-steps")
     if args.reward_model in (None, "none", ""):
         args.reward_model = None
     if not 1 <= args.prompt_min_tokens <= args.prompt_max_tokens:
@@ -236,15 +245,21 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum()
 
 
-def masked_var(x, mask):
-    """Population variance (no Bessel correction, as lm-human-preferences' whiten: the batch is the whole
-    population of advantages we normalise, not a sample of one)."""
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+def global_masked_mean(x, mask):
+    """masked_mean over the entries of every process (all-reduced under torchrun), so statistics that steer
+    training are the same on every rank and equal to a single process's on the whole batch."""
+    sums = torch.stack([(x * mask).sum(), mask.sum()])
+    if distributed():
+        torch.distributed.all_reduce(sums)
+    return sums[0] / sums[1]
 
 
 def masked_whiten(x, mask, shift_mean: bool = True):
-    """(x - mean) / std over the real (mask=1) entries; padded entries are left as they come out."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    """(x - mean) / std over the real (mask=1) entries of the whole batch; padded entries are left as they come
+    out. Population variance (no Bessel correction), as lm-human-preferences' whiten: the batch is the whole
+    population of advantages we normalise, not a sample of one."""
+    mean = global_masked_mean(x, mask)
+    var = global_masked_mean((x - mean) ** 2, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 
@@ -502,22 +517,24 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     queries, responses: lists of 1-D token-id tensors (any lengths, no padding; each response >= 1 token).
     scores: [batch] float tensor, one scalar reward per episode (before scaling/clipping).
     ref_lm: the frozen reference LM, or None to use `policy.lm` with its LoRA adapters disabled.
-    Returns a dict of statistics. Updates the policy, the optimizer and the KL controller in place.
+    policy may be wrapped in DistributedDataParallel (torchrun): each process passes its own share of the batch.
+    Returns a dict of statistics (averaged over processes). Updates policy, optimizer and kl_ctl in place.
     """
-    device = next(policy.parameters()).device
+    model = policy.module if isinstance(policy, nn.parallel.DistributedDataParallel) else policy
+    device = next(model.parameters()).device
     batch_size = len(queries)
     if not (len(responses) == len(scores) == batch_size) or any(len(r) == 0 for r in responses):
         raise ValueError("ppo_step needs one non-empty response and one score per query")
     if not torch.isfinite(scores).all():
         raise ValueError("ppo_step got a NaN or infinite score")
-    exact_div(batch_size, args.mini_batch_size, "batch / mini_batch_size")
-    n_micro = exact_div(args.mini_batch_size, args.micro_batch_size, "mini_batch_size / micro_batch_size")
+    exact_div(batch_size, args.local_mini_batch_size, "batch / local_mini_batch_size")
+    n_micro = exact_div(args.local_mini_batch_size, args.micro_batch_size, "local_mini_batch_size / micro_batch_size")
 
     # 1. Score scaling and clipping (running statistics over the whole run)
     scores = scores.float()
     raw_scores = scores.clone()
     if args.score_scaling != "none":
-        score_moments.update(scores)
+        score_moments.update(all_gather(scores.to(device)).cpu())  # the same statistics on every process
         shift = score_moments.mean if args.score_scaling == "normalize" else 0.0
         scores = (scores - shift) / (score_moments.std + 1e-8)
     if args.score_clip is not None:
@@ -535,10 +552,10 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
         for i in range(0, batch_size, args.micro_batch_size):
             s = slice(i, i + args.micro_batch_size)
             with autocast(device):
-                logits, v = policy(query_responses[s], attention_mask[s], context_length, args.temperature)
+                logits, v = model(query_responses[s], attention_mask[s], context_length, args.temperature)
                 if ref_lm is None:
-                    with policy.lm.disable_adapter():
-                        ref_logits = lm_forward(policy.lm, query_responses[s], attention_mask[s], context_length)
+                    with model.lm.disable_adapter():
+                        ref_logits = lm_forward(model.lm, query_responses[s], attention_mask[s], context_length)
                 else:
                     ref_logits = lm_forward(ref_lm, query_responses[s], attention_mask[s], context_length)
             ref_logits = ref_logits / args.temperature
@@ -566,9 +583,9 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     for epoch in range(args.ppo_epochs):
         perm = torch.randperm(batch_size, generator=generator)
         epoch_kls = []
-        for mb_start in range(0, batch_size, args.mini_batch_size):
-            mb_inds = perm[mb_start : mb_start + args.mini_batch_size]
-            for micro_start in range(0, args.mini_batch_size, args.micro_batch_size):
+        for mb_start in range(0, batch_size, args.local_mini_batch_size):
+            mb_inds = perm[mb_start : mb_start + args.local_mini_batch_size]
+            for micro_start in range(0, args.local_mini_batch_size, args.micro_batch_size):
                 micro_inds = mb_inds[micro_start : micro_start + args.micro_batch_size].to(device)
                 micro_mask = response_mask[micro_inds]
                 with autocast(device):
@@ -583,31 +600,30 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()}) "
                                              "- lower --learning-rate or check the scores")
-                if ratio_mean.item() > args.ratio_threshold:  # an exploding ratio: skip, never step on it
-                    skipped += 1
-                else:
-                    (loss / n_micro).backward()
+                if ratio_mean.item() > args.ratio_threshold:  # an exploding ratio: never step on it. A zero loss
+                    loss, skipped = loss * 0.0, skipped + 1  # (not a skipped backward) keeps DDP ranks in step
+                (loss / n_micro).backward()
                 policy_losses.append(pg_loss.item()), value_losses.append(vf_loss.item())
                 clipfracs.append(clipfrac.item()), value_clipfracs.append(vf_clipfrac.item())
                 approx_kls.append(approx_kl.item()), ratios.append(ratio_mean.item())
                 epoch_kls.append(approx_kl.item())
             if args.max_grad_norm is not None:
-                grad_norms.append(nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item())
+                grad_norms.append(nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if args.target_kl is not None and sum(epoch_kls) / len(epoch_kls) > args.target_kl:
-            break  # early stopping: the policy moved far enough from the rollout policy
+        if args.target_kl is not None and mean_over_processes({"kl": _mean(epoch_kls)}, device)["kl"] > args.target_kl:
+            break  # early stopping (decided together by all processes): the policy moved far enough
     train_time = time.perf_counter() - start
 
     # 5. Adaptive KL update and statistics
-    mean_kl = sequence_kl.mean().item()
+    mean_kl = global_masked_mean(sequence_kl, torch.ones_like(sequence_kl)).item()
     kl_coef_used = kl_ctl.value
-    kl_ctl.update(mean_kl, batch_size)
+    kl_ctl.update(mean_kl, batch_size * args.world_size)
     real = response_mask.bool()
     var_returns = returns[real].var(unbiased=False)
     explained_var = (1 - (returns[real] - values[real]).var(unbiased=False) / var_returns).item()
     n_tokens = response_mask.sum().item()
-    return {
+    return mean_over_processes({
         "objective/scores": raw_scores.mean().item(),
         "objective/scores_std": raw_scores.std().item() if batch_size > 1 else 0.0,
         "objective/kl": mean_kl,
@@ -625,8 +641,8 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
         "losses/skipped_micro_batches": skipped,
         "losses/epochs": epoch + 1,
         "charts/response_length": response_mask.sum(1).mean().item(),
-        "perf/train_tokens_per_s": n_tokens * (epoch + 1) / train_time,
-    }
+        "perf/train_tokens_per_s": n_tokens * (epoch + 1) / train_time * args.world_size,
+    }, device)
 
 
 def _mean(xs):
@@ -636,7 +652,7 @@ def _mean(xs):
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: HF-format policy + value head + training state, written atomically
 # ---------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration, generator):
+def save_checkpoint(path: Path, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration):
     """HF-format policy (or LoRA adapter) + value head + training state, swapped into place atomically."""
     with atomic_dir(path) as tmp:
         policy.lm.save_pretrained(tmp)
@@ -645,11 +661,10 @@ def save_checkpoint(path: Path, policy, tokenizer, optimizer, kl_ctl, score_mome
         torch.save({
             "iteration": iteration, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
             "score_moments": [score_moments.mean, score_moments.var, score_moments.count],
-            "rng": torch.get_rng_state(), "generator": generator.get_state(),
-        }, tmp / "training_state.pt")
+        }, tmp / "training_state.pt")  # no RNG state: every iteration seeds itself (see main)
 
 
-def load_checkpoint(path: Path, policy, optimizer, kl_ctl, score_moments, generator) -> int:
+def load_checkpoint(path: Path, policy, optimizer, kl_ctl, score_moments) -> int:
     """Restore the state saved by save_checkpoint (no pickle: weights_only); returns the iterations done."""
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
@@ -663,8 +678,6 @@ def load_checkpoint(path: Path, policy, optimizer, kl_ctl, score_moments, genera
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.value = state["kl_coef"]
     score_moments.mean, score_moments.var, score_moments.count = state["score_moments"]
-    torch.set_rng_state(state["rng"])
-    generator.set_state(state["generator"])
     return state["iteration"]
 
 
@@ -672,7 +685,9 @@ def load_checkpoint(path: Path, policy, optimizer, kl_ctl, score_moments, genera
 # Training
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args):
-    args = check_args(args)
+    device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
+    args = check_args(args, world_size)
+    is_main = rank == 0  # only the first process logs, tracks and saves
     n_rewards = (args.reward_model is not None) + len(args.reward_fn)
     if n_rewards == 0:
         raise UserError("no reward: give --reward-model, --reward-fn, or both (scores are added)")
@@ -682,11 +697,9 @@ def main(args: Args):
     quiet_libraries()
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
-    if args.resume and resume_from is None:
+    if args.resume and resume_from is None and is_main:
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)  # mini-batch shuffling
+    torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
 
     # Policy + value head, reference model, tokenizer
     remote = dict(trust_remote_code=args.trust_remote_code)
@@ -712,6 +725,9 @@ def main(args: Args):
     # update then equal the rollout's exactly at the first step, so the ratio starts at 1.
     policy.eval()
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate)
+    ddp_policy = policy  # under torchrun: gradients all-reduced (averaged) by DDP in the backward pass
+    if world_size > 1:
+        ddp_policy = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
 
     # Rewards: a classifier with its own tokenizer and/or Python functions, weighted and added up
     reward_fns = {spec: load_function(spec, "--reward-fn", REWARD_FUNCTIONS) for spec in args.reward_fn}
@@ -736,21 +752,28 @@ def main(args: Args):
     score_moments = RunningMoments()
     start_iteration = 0
     if resume_from is not None:
-        start_iteration = load_checkpoint(resume_from, policy, optimizer, kl_ctl, score_moments, generator)
-        print(f"resumed from {resume_from} after iteration {start_iteration}")
-    tracker = Tracker(out_dir, args, start_iteration, args.track, args.wandb_project)
-    print(f"PPO: {args.num_iterations} iterations x {args.batch_size} episodes on {device}; "
-          f"{len(prompts)} prompts; outputs in {out_dir}")
+        start_iteration = load_checkpoint(resume_from, policy, optimizer, kl_ctl, score_moments)
+        if is_main:
+            print(f"resumed from {resume_from} after iteration {start_iteration}")
+    if is_main:
+        tracker = Tracker(out_dir, args, start_iteration, args.track, args.wandb_project)
+        print(f"PPO: {args.num_iterations} iterations x {args.batch_size} episodes on {world_size} x {device}; "
+              f"{len(prompts)} prompts; outputs in {out_dir}")
 
     for iteration in (bar := tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
-                                  total=args.num_iterations, dynamic_ncols=True)):
+                                  total=args.num_iterations, dynamic_ncols=True, disable=not is_main)):
+        # Each iteration seeds itself from (seed, iteration, rank): a resumed run samples exactly what an
+        # uninterrupted one would, with no RNG state to save, and every process samples its own episodes.
+        torch.manual_seed(args.seed + 100_000 * iteration + rank)
+        generator = torch.Generator().manual_seed(args.seed + 100_000 * iteration + rank)  # mini-batch shuffling
         if args.anneal_lr:
             for group in optimizer.param_groups:
                 group["lr"] = args.learning_rate * (1 - iteration / args.num_iterations)
 
         # Rollout: generate, cut after the stop token, score
         start = time.perf_counter()
-        queries = [prompts[i] for i in batch_indices(iteration, args.batch_size, len(prompts), args.seed)]
+        indices = batch_indices(iteration, args.batch_size, len(prompts), args.seed)  # the global batch
+        queries = [prompts[i] for i in indices[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]]
         generated = generate(policy.lm, queries, tokenizer.pad_token_id, gen_config, device)
         responses, contains_stop = truncate_after_stop(generated, stop_id)
         generate_time = time.perf_counter() - start
@@ -772,27 +795,34 @@ def main(args: Args):
         rollout_time = time.perf_counter() - start
 
         # Optimisation
-        stats = ppo_step(args, policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments,
+        stats = ppo_step(args, ddp_policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments,
                          tokenizer.pad_token_id, generator)
         iteration_time = time.perf_counter() - start
-        stats.update({
+        stats.update(mean_over_processes({
             "iteration": iteration + 1, "episodes": (iteration + 1) * args.batch_size,
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/stop_fraction": contains_stop.float().mean().item(),
             **{f"rewards/{name}": part.mean().item() for name, part in parts.items()},
             "perf/episodes_per_s": args.batch_size / iteration_time,
-            "perf/rollout_tokens_per_s": sum(len(r) for r in responses) / generate_time,
+            "perf/rollout_tokens_per_s": sum(len(r) for r in responses) / generate_time * world_size,
             "perf/rollout_s": rollout_time, "perf/iteration_s": iteration_time,
-            "perf/peak_memory_mb": peak_memory_mb(device),
-        })
+            "perf/peak_memory_mb": peak_memory_mb(device),  # per process
+        }, device))
+        if not is_main:
+            continue
         tracker.log(stats)
         bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:+.3f} "
                   f"| beta {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
                   f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
                   f"| len {stats['charts/response_length']:.1f} | {stats['perf/episodes_per_s']:.1f} ep/s")
         if (iteration + 1) % args.save_every == 0 or iteration + 1 == args.num_iterations:
-            save_checkpoint(ckpt_dir, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration + 1, generator)
+            save_checkpoint(ckpt_dir, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration + 1)
 
+    if distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not is_main:
+        return None
     # Final model at the top of the output folder: AutoModelForCausalLM.from_pretrained(output_dir) loads it
     (policy.lm.merge_and_unload() if args.lora_r > 0 else policy.lm).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import os
 import resource
 import shutil
 import time
@@ -24,6 +25,54 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def init_distributed(device_name: str):
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs (one per local rank),
+    gloo on CPUs. Returns (device, rank, world_size); (pick_device(device_name), 0, 1) in a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return pick_device(device_name), 0, 1
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and device_name != "cpu":
+        torch.cuda.set_device(local_rank)
+        device = pick_device(f"cuda:{local_rank}")
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device, dist.get_rank(), world_size
+
+
+def distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor of the same shape from every process (rank order); itself in one process."""
+    if not distributed():
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_processes(stats: dict, device: torch.device) -> dict:
+    """Average every float statistic over the processes (one all-reduce); unchanged in one process."""
+    if not distributed():
+        return stats
+    import torch.distributed as dist
+
+    keys = [k for k, v in stats.items() if isinstance(v, float)]  # ints (iteration, counts) stay as they are
+    values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return {**stats, **dict(zip(keys, (values / dist.get_world_size()).tolist()))}
 
 
 def autocast(device: torch.device):

@@ -1,0 +1,51 @@
+"""Run by tests/test_ppo_ddp.py under torchrun (2 CPU processes, gloo): each rank whitens and trains on its
+half of a fixed batch; rank 0 saves what it got so the test can compare with one process on the whole batch."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import ppo  # noqa: E402
+from utils.runtime import all_gather, init_distributed  # noqa: E402
+
+
+def fixed_batch():
+    """A batch of 8 episodes with equal response lengths (so per-rank token means average to the global one)."""
+    g = torch.Generator().manual_seed(0)
+    queries = [torch.randint(1, 4000, (n,), generator=g) for n in (3, 5, 2, 7, 4, 4, 6, 1)]
+    responses = [torch.randint(1, 4000, (6,), generator=g) for _ in range(8)]
+    scores = torch.randn(8, generator=g)
+    x, mask = torch.randn(4, 5, generator=g), (torch.rand(4, 5, generator=g) > 0.3).float()
+    return queries, responses, scores, x, mask
+
+
+def update(policy_dir, world_size, ddp_wrap, queries, responses, scores):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(policy_dir)
+    ref = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    policy = ppo.PolicyAndValue(lm, lm.config.n_embd).eval()
+    args = ppo.check_args(ppo.Args(batch_size=8, mini_batch_size=8, total_episodes=8, ppo_epochs=2,
+                                   learning_rate=1e-3), world_size)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    wrapped = torch.nn.parallel.DistributedDataParallel(policy) if ddp_wrap else policy
+    kl_ctl = ppo.KLController(0.2, 6.0, 10000)
+    stats = ppo.ppo_step(args, wrapped, ref, optimizer, queries, responses, scores, kl_ctl, ppo.RunningMoments(),
+                         pad_id=0, generator=torch.Generator().manual_seed(0))
+    return policy.state_dict(), stats, kl_ctl.value
+
+
+if __name__ == "__main__":
+    policy_dir, out = sys.argv[1], sys.argv[2]
+    device, rank, world_size = init_distributed("cpu")
+    queries, responses, scores, x, mask = fixed_batch()
+    half = slice(rank * 4, rank * 4 + 4)
+    rows = slice(rank * 2, rank * 2 + 2)
+    whitened = all_gather(ppo.masked_whiten(x[rows], mask[rows]))
+    weights, stats, kl_coef = update(policy_dir, world_size, True, queries[half], responses[half], scores[half])
+    if rank == 0:
+        torch.save({"whitened": whitened, "weights": weights, "stats": stats, "kl_coef": kl_coef}, out)
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,44 @@
+"""ppo.py under torchrun: 2 CPU processes (gloo) against one process with the same global batch."""
+
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ppo
+from conftest import ROOT, run_script
+from ddp_worker import fixed_batch, update
+
+
+def torchrun(*argv):
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv)
+
+
+def test_two_processes_whiten_and_update_like_one(assets, tmp_path):
+    torchrun(ROOT / "tests/ddp_worker.py", assets / "policy", tmp_path / "ddp.pt")
+    got = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    queries, responses, scores, x, mask = fixed_batch()
+    # whitening statistics reduced over the processes == one process's on the whole batch
+    assert torch.allclose(got["whitened"] * mask, ppo.masked_whiten(x, mask) * mask, atol=1e-6)
+    weights, stats, kl_coef = update(assets / "policy", 1, False, queries, responses, scores)
+    assert all(torch.allclose(weights[k], got["weights"][k], atol=1e-5) for k in weights)
+    assert kl_coef == pytest.approx(got["kl_coef"], rel=1e-6)  # KL controller fed the reduced KL
+    for key in ("objective/scores", "objective/kl", "losses/policy_loss", "losses/value_loss"):
+        assert stats[key] == pytest.approx(got["stats"][key], abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_torchrun_end_to_end_and_resume_with_another_world_size(assets, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--model", assets / "policy", "--reward-model", assets / "reward", "--dataset", assets / "prompts.jsonl",
+             "--output-dir", out, "--batch-size", 8, "--mini-batch-size", 4, "--response-length", 8, "--ppo-epochs", 2]
+    proc = torchrun(ROOT / "ppo.py", *flags, "--total-episodes", 16)
+    assert proc.stdout.count("iter    1 |") == 1  # only rank 0 prints
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    AutoModelForCausalLM.from_pretrained(out)
+    # resume the 2-process run in one process
+    run_script(ROOT / "ppo.py", *flags, "--total-episodes", 24, "--resume")
+    assert [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
