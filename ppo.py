@@ -180,6 +180,12 @@ def check_args(args: Args, world_size: int = 1) -> Args:
                                       "--mini-batch-size / processes / --gradient-accumulation-steps")
     if args.reward_model in (None, "none", ""):
         args.reward_model = None
+    n_rewards = (args.reward_model is not None) + len(args.reward_fn)
+    if n_rewards == 0:
+        raise UserError("no reward: give --reward-model, --reward-fn, or both (scores are added)")
+    if args.reward_weights is not None and len(args.reward_weights) != n_rewards:
+        raise UserError(f"--reward-weights has {len(args.reward_weights)} values for {n_rewards} rewards "
+                        "(--reward-model, if any, then each --reward-fn)")
     if not 1 <= args.prompt_min_tokens <= args.prompt_max_tokens:
         raise UserError("need 1 <= --prompt-min-tokens <= --prompt-max-tokens")
     if args.temperature <= 0:
@@ -534,6 +540,8 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     scores = scores.float()
     raw_scores = scores.clone()
     if args.score_scaling != "none":
+        if score_moments is None:
+            raise ValueError("score scaling needs score_moments=RunningMoments(), kept across calls")
         score_moments.update(all_gather(scores.to(device)).cpu())  # the same statistics on every process
         shift = score_moments.mean if args.score_scaling == "normalize" else 0.0
         scores = (scores - shift) / (score_moments.std + 1e-8)
@@ -688,12 +696,6 @@ def main(args: Args):
     device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
     args = check_args(args, world_size)
     is_main = rank == 0  # only the first process logs, tracks and saves
-    n_rewards = (args.reward_model is not None) + len(args.reward_fn)
-    if n_rewards == 0:
-        raise UserError("no reward: give --reward-model, --reward-fn, or both (scores are added)")
-    if args.reward_weights is not None and len(args.reward_weights) != n_rewards:
-        raise UserError(f"--reward-weights has {len(args.reward_weights)} values for {n_rewards} rewards "
-                        "(--reward-model, if any, then each --reward-fn)")
     quiet_libraries()
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     resume_from = complete_checkpoint(ckpt_dir) if args.resume else None

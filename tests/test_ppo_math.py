@@ -229,7 +229,7 @@ def test_reward_function_checks():
     with pytest.raises(ppo.UserError, match="not a built-in"):
         ppo.load_function("nonexistent", "--reward-fn", ppo.REWARD_FUNCTIONS)
     with pytest.raises(ppo.UserError, match="--reward-weights has 1 values for 2 rewards"):
-        ppo.main(ppo.Args(reward_fn=["vader"], reward_weights=[1.0]))  # raised before anything is loaded
+        ppo.check_args(ppo.Args(reward_fn=["vader"], reward_weights=[1.0]))
 
 
 def test_first_update_is_on_policy(assets):

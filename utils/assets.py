@@ -162,8 +162,12 @@ def build(out=DEFAULT_DIR, force: bool = False) -> Path:
     build_seq2seq(tok, tmp / "bart", "bart")
     (tmp / "minilm").symlink_to(minilm_dir(), target_is_directory=True)  # 88 MB: link, don't copy
     (tmp / ".assets-version").write_text(ASSETS_VERSION)
-    # swap into place in one rename so a crash never leaves a half-built folder that looks complete
+    # swap into place in one rename so a crash never leaves a half-built folder that looks complete; folders
+    # other builders put there (tiny/sd from utils/tiny_sd.py) move over to the new build
     if out.exists():
+        for p in out.iterdir():
+            if not (tmp / p.name).exists():
+                p.rename(tmp / p.name)
         shutil.rmtree(out)
     tmp.rename(out)
     return out

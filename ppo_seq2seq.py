@@ -1,0 +1,863 @@
+"""RLHF with PPO for encoder-decoder language models (T5, BART, Flan-T5), in one file.
+
+The single-file counterpart of ppo.py: the same flags, metrics and helpers (a test keeps the shared helpers
+identical), with the model side made encoder-decoder. Ziegler et al. 2019 (KL-shaped reward, adaptive KL),
+PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016); semantics follow the seed library's PPOTrainer
+with its seq2seq value-head model. What differs from ppo.py:
+  - the query goes to the encoder; the response is sampled by the decoder, which starts from the model's
+    decoder start token (<pad> for T5, </s> for BART);
+  - log-probs, values and reference log-probs come from one teacher-forced forward: the decoder reads
+    [start] + response[:-1], so decoder position t scores response token t; the value head reads the
+    decoder's last hidden state at the same positions;
+  - the query is a prompt template applied to the dataset text's first tokens. Default task (the classic
+    IMDB sentiment task, as in ppo.py): "Continue this movie review: <the first 2-8 tokens of a review>",
+    and the reward model scores the review start + " " + the response, i.e. the review the policy wrote,
+    never the instruction (a sentiment classifier trained on reviews has not seen instructions, and the
+    template text would shift every score by the same unknown amount). Reward functions get the same
+    review start as `prompts`, so reward files written for ppo.py work unchanged.
+
+    python ppo_seq2seq.py --model google/flan-t5-small --reward-model lvwerra/distilbert-imdb
+    python ppo_seq2seq.py --model tiny/t5 --reward-model tiny/reward --dataset tiny/prompts.jsonl   # offline
+"""
+
+import copy
+import dataclasses
+import functools
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GenerationConfig)
+
+from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
+from utils.runtime import (Tracker, all_gather, atomic_dir, autocast, call_reward_fn, complete_checkpoint,
+                           distributed, init_distributed, load_function, mean_over_processes, peak_memory_mb)
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "ppo_seq2seq"
+    """name of the run (wandb run name prefix)"""
+    seed: int = 1
+    """seed of the run: with the same seed a CPU run is repeatable"""
+    output_dir: str = "runs/ppo_seq2seq"
+    """where checkpoints, metrics.jsonl and the final model go"""
+    resume: bool = False
+    """continue from the last complete checkpoint in --output-dir"""
+    save_every: int = 10
+    """save a checkpoint every this many iterations (and always at the end)"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "rlhf-ppo"
+    """wandb project name"""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, ... ('auto': cuda if available)"""
+
+    # models and data
+    model: str = "google/flan-t5-small"
+    """policy: hub id or local folder of an encoder-decoder LM (T5, Flan-T5, BART, ...)"""
+    reward_model: Optional[str] = "lvwerra/distilbert-imdb"
+    """sequence classifier scoring "<text start> <response>" (hub id or folder); 'none' to use --reward-fn only"""
+    reward_label: str = "POSITIVE"
+    """label whose logit is the score, by name or index (ignored for 1-output reward models)"""
+    reward_fn: list[str] = dataclasses.field(default_factory=list)
+    """reward functions fn(prompts, completions, completion_ids) -> floats: built-in names (vader, length) or
+    path/to/file.py:function or module:function; several are added up"""
+    reward_weights: Optional[list[float]] = None
+    """weights of the rewards, in order: --reward-model (if any), then each --reward-fn (default: all 1)"""
+    trust_remote_code: bool = False
+    """allow models whose code lives on the hub (runs that code!)"""
+    dataset: str = "stanfordnlp/imdb"
+    """prompts: hub id, a save_to_disk folder or a .jsonl/.json/.csv/.parquet file"""
+    dataset_split: str = "train"
+    """split of --dataset to use"""
+    dataset_text_field: str = "text"
+    """column holding the text whose first tokens become the prompt"""
+    prompt_template: str = "Continue this movie review: {text}"
+    """encoder input: {text} is replaced by the text's first tokens (the reward model never sees the template)"""
+    prompt_min_tokens: int = 2
+    """shortest prompt (tokens); each prompt's length is drawn uniformly in [min, max]"""
+    prompt_max_tokens: int = 8
+    """longest prompt (tokens)"""
+
+    # rollout
+    response_length: int = 24
+    """maximum number of generated tokens per response"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs use the same temperature, so training stays on-policy)"""
+    top_k: int = 0
+    """top-k sampling (0: off). Anything but the full distribution biases the KL estimate"""
+    top_p: float = 1.0
+    """nucleus sampling (1.0: off). Anything but the full distribution biases the KL estimate"""
+    stop_token: Optional[str] = "eos"
+    """responses end after this token ('eos': the tokenizer's EOS; 'none': always full length)"""
+    missing_eos_penalty: Optional[float] = None
+    """subtracted from the score of responses that never emit the stop token"""
+
+    # reward shaping
+    kl_estimator: Literal["kl", "abs", "mse", "full"] = "kl"
+    """per-token KL estimate: kl=log p-log q, abs=|.|, mse=0.5(.)^2, full=exact KL over the vocabulary"""
+    kl_coef: float = 0.2
+    """initial KL coefficient (beta)"""
+    adaptive_kl: bool = True
+    """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, eq. 2)"""
+    kl_target: float = 6.0
+    """target KL (nats per sequence) of the adaptive controller"""
+    kl_horizon: int = 10000
+    """horizon (episodes) of the adaptive controller"""
+    score_scaling: Literal["none", "scale", "normalize"] = "none"
+    """divide scores by their running std ('scale') or also subtract the running mean ('normalize')"""
+    score_clip: Optional[float] = None
+    """clip scores to [-score_clip, score_clip] after scaling"""
+
+    # PPO
+    total_episodes: int = 25600
+    """total number of prompts to train on"""
+    batch_size: int = 128
+    """episodes (prompts) per iteration, over all processes (under torchrun each rank gets batch_size / world)"""
+    mini_batch_size: int = 128
+    """episodes per optimizer step, over all processes"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per mini-batch (micro batch = mini_batch_size / gradient_accumulation_steps)"""
+    ppo_epochs: int = 4
+    """passes over each batch"""
+    learning_rate: float = 1.41e-5
+    """Adam learning rate"""
+    anneal_lr: bool = False
+    """decay the learning rate linearly to 0 over the run"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """PPO policy clip range"""
+    cliprange_value: float = 0.2
+    """value clip range"""
+    vf_coef: float = 0.1
+    """value loss coefficient"""
+    max_grad_norm: Optional[float] = 1.0
+    """clip the gradient norm to this value (None: no clipping)"""
+    target_kl: Optional[float] = None
+    """stop the PPO epochs of an iteration early when approx-KL exceeds this"""
+    ratio_threshold: float = 10.0
+    """skip a micro-batch whose mean probability ratio exceeds this (guards against exploding ratios)"""
+
+    # LoRA (peft)
+    lora_r: int = 0
+    """LoRA rank (0: full fine-tuning). With LoRA the reference model is the policy with adapters disabled"""
+    lora_alpha: int = 16
+    """LoRA alpha"""
+    lora_dropout: float = 0.0
+    """LoRA dropout (0 keeps rollout and training log-probs identical)"""
+    lora_target_modules: Optional[list[str]] = None
+    """modules to adapt (default: peft's choice for the architecture)"""
+
+    # computed at runtime from the above (not flags)
+    world_size: tyro.conf.Suppress[int] = 1
+    """number of processes (torchrun's WORLD_SIZE)"""
+    num_iterations: tyro.conf.Suppress[int] = 0
+    """number of PPO iterations = total_episodes / batch_size"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """episodes per iteration on this process = batch_size / world_size"""
+    local_mini_batch_size: tyro.conf.Suppress[int] = 0
+    """episodes per optimizer step on this process = mini_batch_size / world_size"""
+    micro_batch_size: tyro.conf.Suppress[int] = 0
+    """episodes per forward/backward on this process = local_mini_batch_size / gradient_accumulation_steps"""
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    if b <= 0 or a % b:
+        raise UserError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def check_args(args: Args, world_size: int = 1) -> Args:
+    """Fail loudly on inconsistent settings and fill the derived sizes."""
+    args.world_size = world_size
+    args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
+    exact_div(args.batch_size, args.mini_batch_size, "--batch-size / --mini-batch-size")
+    args.local_batch_size = exact_div(args.batch_size, world_size, "--batch-size / processes")
+    args.local_mini_batch_size = exact_div(args.mini_batch_size, world_size, "--mini-batch-size / processes")
+    args.micro_batch_size = exact_div(args.local_mini_batch_size, args.gradient_accumulation_steps,
+                                      "--mini-batch-size / processes / --gradient-accumulation-steps")
+    if args.reward_model in (None, "none", ""):
+        args.reward_model = None
+    n_rewards = (args.reward_model is not None) + len(args.reward_fn)
+    if n_rewards == 0:
+        raise UserError("no reward: give --reward-model, --reward-fn, or both (scores are added)")
+    if args.reward_weights is not None and len(args.reward_weights) != n_rewards:
+        raise UserError(f"--reward-weights has {len(args.reward_weights)} values for {n_rewards} rewards "
+                        "(--reward-model, if any, then each --reward-fn)")
+    if not 1 <= args.prompt_min_tokens <= args.prompt_max_tokens:
+        raise UserError("need 1 <= --prompt-min-tokens <= --prompt-max-tokens")
+    if "{text}" not in args.prompt_template:
+        raise UserError(f"--prompt-template {args.prompt_template!r} has no {{text}} placeholder for the dataset text")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0 (log-probs are divided by it)")
+    if args.top_k != 0 or args.top_p < 1.0:
+        print("warning: top-k/top-p sampling makes the policy sample from a truncated distribution; the KL "
+              "estimate is then biased (it can go negative). Use --top-k 0 --top-p 1.0 unless you mean it.",
+              file=sys.stderr)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model: the encoder-decoder LM with a scalar value head on the decoder's last hidden state
+# ---------------------------------------------------------------------------------------------------------
+class PolicyAndValue(nn.Module):
+    def __init__(self, lm: nn.Module, hidden_size: int):
+        super().__init__()
+        self.lm = lm
+        self.v_head = nn.Linear(hidden_size, 1)
+        # init as lm-human-preferences' value head ("scalar head"): std 1/sqrt(hidden+1), zero bias
+        nn.init.normal_(self.v_head.weight, std=1 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, query_ids, query_mask, response_ids, temperature: float):
+        """Logits (divided by temperature) and values at the decoder positions that predict each response token.
+
+        query_ids, query_mask: [batch, query_len] right-padded encoder input; response_ids: [batch, response_len].
+        Returns logits [batch, response_len, vocab] and values [batch, response_len].
+        """
+        logits, hidden = lm_forward(self.lm, query_ids, query_mask, response_ids, hidden=True)
+        values = self.v_head(hidden).squeeze(-1)  # shape: [batch, response_len]
+        return logits / temperature, values
+
+
+def lm_forward(lm, query_ids, query_mask, response_ids, hidden: bool = False):
+    """One teacher-forced forward of an encoder-decoder LM: the query goes to the encoder, the decoder reads
+    [decoder start] + response[:-1], so decoder position t predicts response token t (no shift afterwards).
+
+    Queries are right-padded with an attention mask: BART's positions are learned absolute ones, which left
+    padding would move. Responses need no decoder mask: the decoder is causal, so the pads after a short
+    response are never seen by its real positions (and their outputs are masked out of every loss).
+    """
+    start = torch.full_like(response_ids[:, :1], lm.config.decoder_start_token_id)
+    decoder_input_ids = torch.cat([start, response_ids[:, :-1]], 1)  # shape: [batch, response_len]
+    out = lm(input_ids=query_ids, attention_mask=query_mask, decoder_input_ids=decoder_input_ids,
+             output_hidden_states=hidden, use_cache=False)
+    if not hidden:
+        return out.logits  # shape: [batch, response_len, vocab]
+    return out.logits, out.decoder_hidden_states[-1]  # shape: [batch, response_len, hidden]
+
+
+def logprobs_of(logits, tokens):
+    """log p(token) under softmax(logits). logits [batch, len, vocab], tokens [batch, len] -> [batch, len]."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits):
+    """Entropy of softmax(logits) at each position: [batch, len, vocab] -> [batch, len]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numeric helpers of the algorithm (each tested against hand-computed values in tests/test_ppo_math.py)
+# ---------------------------------------------------------------------------------------------------------
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def global_masked_mean(x, mask):
+    """masked_mean over the entries of every process (all-reduced under torchrun), so statistics that steer
+    training are the same on every rank and equal to a single process's on the whole batch."""
+    sums = torch.stack([(x * mask).sum(), mask.sum()])
+    if distributed():
+        torch.distributed.all_reduce(sums)
+    return sums[0] / sums[1]
+
+
+def masked_whiten(x, mask, shift_mean: bool = True):
+    """(x - mean) / std over the real (mask=1) entries of the whole batch; padded entries are left as they come
+    out. Population variance (no Bessel correction), as lm-human-preferences' whiten: the batch is the whole
+    population of advantages we normalise, not a sample of one."""
+    mean = global_masked_mean(x, mask)
+    var = global_masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator: str, full_kl=None):
+    """Per-token estimate of KL(policy || reference) for sampled tokens. shapes: [batch, len]."""
+    logratio = logprobs - ref_logprobs
+    if estimator == "kl":
+        return logratio  # k1: unbiased, can be negative per token
+    if estimator == "abs":
+        return logratio.abs()
+    if estimator == "mse":
+        return 0.5 * logratio**2
+    if estimator == "full":
+        return full_kl  # exact sum_v p(v) (log p(v) - log q(v)), computed from the full distributions
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def full_kl_of(logits, ref_logits):
+    """Exact KL(softmax(logits) || softmax(ref_logits)) at each position: [batch, len, vocab] -> [batch, len]."""
+    logp, ref_logp = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def shaped_rewards(scores, kl, kl_coef: float, response_mask):
+    """Per-token reward r_t = -beta * KL_t, plus the sequence score at the last real response token
+    (Ziegler et al. 2019, eq. 2). scores [batch], kl/response_mask [batch, len] -> rewards [batch, len]."""
+    rewards = -kl_coef * kl * response_mask
+    last = response_mask.sum(1).long() - 1  # index of the last real token; every response has >= 1 token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards, values, response_mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 11-16) over response tokens.
+    Padded steps carry zero reward and zero value, so the bootstrap after the last real token is 0.
+    rewards/values/response_mask [batch, len] -> advantages, returns [batch, len]."""
+    values = values * response_mask
+    rewards = rewards * response_mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # TD error, eq. 11
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    returns = advantages + values
+    return advantages, returns
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
+    Returns (loss, clipfrac, ratio mean, approx KL = 0.5 E[(log ratio)^2])."""
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    losses = -advantages * ratio
+    clipped_losses = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(losses, clipped_losses), mask)
+    clipfrac = masked_mean((clipped_losses > losses).float(), mask)
+    approx_kl = 0.5 * masked_mean(logratio**2, mask)
+    return loss, clipfrac, masked_mean(ratio, mask), approx_kl
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float):
+    """Clipped value loss 0.5 * max((v - R)^2, (clip(v, v_old +- eps) - R)^2). Returns (loss, clipfrac)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses, clipped_losses = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(losses, clipped_losses), mask)
+    return loss, masked_mean((clipped_losses > losses).float(), mask)
+
+
+class KLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, sec. 2.2): beta <- beta * (1 + K_beta * e * n / horizon),
+    e = clip(KL / KL_target - 1, -0.2, 0.2), K_beta = 1. With adaptive=False beta stays fixed."""
+
+    def __init__(self, value: float, target: float, horizon: int, adaptive: bool = True):
+        self.value, self.target, self.horizon, self.adaptive = value, target, horizon, adaptive
+
+    def update(self, current_kl: float, n_steps: int):
+        if self.adaptive:
+            proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+class RunningMoments:
+    """Running mean and std of scores over all batches so far (Chan et al. parallel update)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+    def update(self, x: torch.Tensor):
+        batch_mean, batch_var, n = x.mean().item(), x.var(unbiased=False).item(), x.numel()
+        delta, total = batch_mean - self.mean, self.count + n
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    @property
+    def std(self):
+        return math.sqrt(self.var * self.count / max(self.count - 1, 1))  # unbiased
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rewards: a sequence classifier (its own tokenizer) and/or a Python function; scores are added
+# ---------------------------------------------------------------------------------------------------------
+@functools.cache
+def vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def reward_vader(prompts, completions, completion_ids):
+    """VADER compound sentiment of the completion, in [-1, 1] (a rule-based sentiment judge)."""
+    return [vader().polarity_scores(c)["compound"] for c in completions]
+
+
+def reward_length(prompts, completions, completion_ids):
+    """Number of completion tokens (rewards long answers; try it with --missing-eos-penalty)."""
+    return [float(len(ids)) for ids in completion_ids]
+
+
+REWARD_FUNCTIONS = {"vader": reward_vader, "length": reward_length}
+
+
+def reward_label_index(config, label: str) -> int:
+    """Which logit of a multi-label classifier is the score: a label name (any case) or an index."""
+    if config.num_labels == 1:
+        return 0
+    names = {str(v).lower(): int(k) for k, v in config.id2label.items()}
+    if label.lower() in names:
+        return names[label.lower()]
+    if label.lstrip("-").isdigit() and -config.num_labels <= int(label) < config.num_labels:
+        return int(label) % config.num_labels
+    raise UserError(f"--reward-label {label!r} is not a label of the reward model, whose labels are "
+                    f"{dict(config.id2label)}; pass one of those names or an index")
+
+
+@torch.no_grad()
+def score_with_model(reward_model, reward_tokenizer, texts, label_index: int, batch_size: int, device):
+    """Score texts with a sequence classifier (its own tokenizer: we pass decoded text, never policy ids)."""
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        enc = reward_tokenizer(texts[i : i + batch_size], padding=True, truncation=True, return_tensors="pt")
+        with autocast(device):
+            logits = reward_model(**enc.to(device)).logits  # shape: [batch, num_labels]
+        scores.append(logits[:, label_index].float().cpu())
+    return torch.cat(scores)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data and rollout
+# ---------------------------------------------------------------------------------------------------------
+def build_prompts(dataset, tokenizer, text_field: str, min_tokens: int, max_tokens: int, seed: int):
+    """Tokenize each text and keep its first L tokens, L ~ U[min, max] drawn with a fixed generator.
+    Texts shorter than min_tokens are dropped. Returns a list of 1-D LongTensors."""
+    if text_field not in dataset.column_names:
+        raise UserError(f"--dataset has no column {text_field!r}; its columns are {dataset.column_names} "
+                        "(set --dataset-text-field)")
+    if len(dataset) == 0:
+        raise UserError("--dataset is empty: there is nothing to make prompts from")
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_tokens, max_tokens + 1, (len(dataset),), generator=generator).tolist()
+    texts = [t if isinstance(t, str) else "" for t in dataset[text_field]]
+    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prompts = [torch.tensor(ids[:n]) for ids, n in zip(token_ids, lengths) if len(ids) >= min_tokens]
+    if not prompts:
+        raise UserError(f"no text in --dataset column {text_field!r} has at least {min_tokens} tokens")
+    return prompts
+
+
+def batch_indices(iteration: int, batch_size: int, n: int, seed: int):
+    """Prompt indices of an iteration: consecutive slices of an endless stream of seeded permutations, so a
+    resumed run sees exactly the prompts an uninterrupted one would."""
+    start, out = iteration * batch_size, []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return out
+
+
+def apply_template(prompt_texts, tokenizer, template: str):
+    """Encoder inputs: `template` with {text} replaced by each text, tokenized with the tokenizer's special
+    tokens (T5 appends </s>, BART wraps in <s> ... </s>, as in their pre-training). Returns 1-D LongTensors."""
+    texts = [template.replace("{text}", t) for t in prompt_texts]
+    return [torch.tensor(ids) for ids in tokenizer(texts)["input_ids"]]
+
+
+def right_pad(sequences, pad_id: int):
+    """List of 1-D tensors -> right-padded [batch, max_len] ids and mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return ids, mask
+
+
+def truncate_after_stop(responses, stop_id: Optional[int]):
+    """Cut each generated response after its first stop token (kept: emitting it was an action).
+    responses [batch, len] -> (list of 1-D tensors, bool tensor [batch]: did the response stop)."""
+    if stop_id is None:
+        return list(responses), torch.zeros(len(responses), dtype=torch.bool)
+    is_stop = responses == stop_id
+    contains_stop = is_stop.any(1)
+    lengths = torch.where(contains_stop, is_stop.int().argmax(1) + 1, responses.shape[1])
+    return [r[:n] for r, n in zip(responses, lengths.tolist())], contains_stop
+
+
+def make_generation_config(args: Args, tokenizer, decoder_start_token_id: int):
+    """Sampling from the full distribution at --temperature (no top-k/top-p unless asked), stopping after
+    --stop-token. Returns the config and the stop token id (None: responses always run to full length)."""
+    if args.stop_token in (None, "none"):
+        stop_id = None
+    elif args.stop_token == "eos":
+        stop_id = tokenizer.eos_token_id
+    else:
+        ids = tokenizer(args.stop_token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise UserError(f"--stop-token {args.stop_token!r} is {len(ids)} tokens for this tokenizer; it must be one")
+        stop_id = ids[0]
+    gen_config = GenerationConfig(
+        max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, eos_token_id=stop_id, pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=decoder_start_token_id, use_cache=True)
+    return gen_config, stop_id
+
+
+@torch.no_grad()
+def generate(lm, queries, pad_id: int, gen_config: GenerationConfig, device):
+    """Sample responses for a list of queries. Our generation config replaces the model's own for the call
+    (transformers would otherwise fill our unset fields from it, e.g. eos_token_id=None, or the beams, minimum
+    lengths, n-gram bans and forced first token of hub BART configs: sampling would no longer be the policy)."""
+    ids, mask = right_pad(queries, pad_id)  # encoder input, shape: [batch, query_len]
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    saved, base.generation_config = base.generation_config, gen_config
+    try:
+        with autocast(device):
+            out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device))
+    finally:
+        base.generation_config = saved
+    return out[:, 1:].cpu()  # drop the decoder start token; shape: [batch, <= response_length]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The PPO step: (queries, responses, scores) -> one PPO update. The script's loop and library users call it.
+# ---------------------------------------------------------------------------------------------------------
+def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, responses, scores,
+             kl_ctl: KLController, score_moments: Optional[RunningMoments] = None, pad_id: int = 0,
+             generator: Optional[torch.Generator] = None) -> dict:
+    """One PPO iteration on a batch of episodes.
+
+    queries, responses: lists of 1-D token-id tensors (any lengths, no padding; each response >= 1 token):
+    the encoder inputs and the decoder's sampled tokens (without the decoder start token).
+    scores: [batch] float tensor, one scalar reward per episode (before scaling/clipping).
+    ref_lm: the frozen reference LM, or None to use `policy.lm` with its LoRA adapters disabled.
+    policy may be wrapped in DistributedDataParallel (torchrun): each process passes its own share of the batch.
+    Returns a dict of statistics (averaged over processes). Updates policy, optimizer and kl_ctl in place.
+    """
+    model = policy.module if isinstance(policy, nn.parallel.DistributedDataParallel) else policy
+    device = next(model.parameters()).device
+    batch_size = len(queries)
+    if not (len(responses) == len(scores) == batch_size) or any(len(r) == 0 for r in responses):
+        raise ValueError("ppo_step needs one non-empty response and one score per query")
+    if not torch.isfinite(scores).all():
+        raise ValueError("ppo_step got a NaN or infinite score")
+    exact_div(batch_size, args.local_mini_batch_size, "batch / local_mini_batch_size")
+    n_micro = exact_div(args.local_mini_batch_size, args.micro_batch_size, "local_mini_batch_size / micro_batch_size")
+
+    # 1. Score scaling and clipping (running statistics over the whole run)
+    scores = scores.float()
+    raw_scores = scores.clone()
+    if args.score_scaling != "none":
+        if score_moments is None:
+            raise ValueError("score scaling needs score_moments=RunningMoments(), kept across calls")
+        score_moments.update(all_gather(scores.to(device)).cpu())  # the same statistics on every process
+        shift = score_moments.mean if args.score_scaling == "normalize" else 0.0
+        scores = (scores - shift) / (score_moments.std + 1e-8)
+    if args.score_clip is not None:
+        scores = scores.clamp(-args.score_clip, args.score_clip)
+
+    # 2. One teacher-forced forward of the policy and the reference: old log-probs, values, KL
+    q_ids, q_mask = right_pad(queries, pad_id)  # encoder input, shape: [batch, query_len]
+    r_ids, response_mask = right_pad(responses, pad_id)  # decoder targets, shape: [batch, response_len]
+    q_ids, q_mask = q_ids.to(device), q_mask.to(device)
+    r_ids, response_mask = r_ids.to(device), response_mask.to(device).float()
+    logprobs, ref_logprobs, values, entropy, full_kl = [], [], [], [], []
+    with torch.no_grad():
+        for i in range(0, batch_size, args.micro_batch_size):
+            s = slice(i, i + args.micro_batch_size)
+            with autocast(device):
+                logits, v = model(q_ids[s], q_mask[s], r_ids[s], args.temperature)
+                if ref_lm is None:
+                    with model.lm.disable_adapter():
+                        ref_logits = lm_forward(model.lm, q_ids[s], q_mask[s], r_ids[s])
+                else:
+                    ref_logits = lm_forward(ref_lm, q_ids[s], q_mask[s], r_ids[s])
+            ref_logits = ref_logits / args.temperature
+            logprobs.append(logprobs_of(logits, r_ids[s]))
+            ref_logprobs.append(logprobs_of(ref_logits, r_ids[s]))
+            values.append(v.float())
+            entropy.append(entropy_of(logits))
+            if args.kl_estimator == "full":
+                full_kl.append(full_kl_of(logits, ref_logits))
+    logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)  # shape: [batch, response_len]
+    values, entropy = torch.cat(values), torch.cat(entropy)
+    full_kl = torch.cat(full_kl) if full_kl else None
+
+    # 3. KL-shaped rewards, GAE, whitened advantages (all over real response tokens only)
+    kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator, full_kl) * response_mask
+    rewards = shaped_rewards(scores.to(device), kl, kl_ctl.value, response_mask)
+    advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+    advantages = masked_whiten(advantages, response_mask) * response_mask
+    sequence_kl = ((logprobs - ref_logprobs) * response_mask).sum(1)  # k1 estimate per sequence, for stats
+
+    # 4. PPO epochs over shuffled mini-batches, with gradient accumulation over micro-batches
+    policy_losses, value_losses, clipfracs, value_clipfracs, approx_kls, ratios = [], [], [], [], [], []
+    skipped, grad_norms = 0, []
+    start = time.perf_counter()
+    for epoch in range(args.ppo_epochs):
+        perm = torch.randperm(batch_size, generator=generator)
+        epoch_kls = []
+        for mb_start in range(0, batch_size, args.local_mini_batch_size):
+            mb_inds = perm[mb_start : mb_start + args.local_mini_batch_size]
+            for micro_start in range(0, args.local_mini_batch_size, args.micro_batch_size):
+                micro_inds = mb_inds[micro_start : micro_start + args.micro_batch_size].to(device)
+                micro_mask = response_mask[micro_inds]
+                with autocast(device):
+                    logits, vpred = policy(q_ids[micro_inds], q_mask[micro_inds], r_ids[micro_inds],
+                                           args.temperature)
+                new_logprobs = logprobs_of(logits, r_ids[micro_inds])
+                pg_loss, clipfrac, ratio_mean, approx_kl = policy_loss(
+                    new_logprobs, logprobs[micro_inds], advantages[micro_inds], micro_mask, args.cliprange)
+                vf_loss, vf_clipfrac = value_loss(
+                    vpred.float(), values[micro_inds], returns[micro_inds], micro_mask, args.cliprange_value)
+                loss = pg_loss + args.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()}) "
+                                             "- lower --learning-rate or check the scores")
+                if ratio_mean.item() > args.ratio_threshold:  # an exploding ratio: never step on it. A zero loss
+                    loss, skipped = loss * 0.0, skipped + 1  # (not a skipped backward) keeps DDP ranks in step
+                (loss / n_micro).backward()
+                policy_losses.append(pg_loss.item()), value_losses.append(vf_loss.item())
+                clipfracs.append(clipfrac.item()), value_clipfracs.append(vf_clipfrac.item())
+                approx_kls.append(approx_kl.item()), ratios.append(ratio_mean.item())
+                epoch_kls.append(approx_kl.item())
+            if args.max_grad_norm is not None:
+                grad_norms.append(nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if args.target_kl is not None and mean_over_processes({"kl": _mean(epoch_kls)}, device)["kl"] > args.target_kl:
+            break  # early stopping (decided together by all processes): the policy moved far enough
+    train_time = time.perf_counter() - start
+
+    # 5. Adaptive KL update and statistics
+    mean_kl = global_masked_mean(sequence_kl, torch.ones_like(sequence_kl)).item()
+    kl_coef_used = kl_ctl.value
+    kl_ctl.update(mean_kl, batch_size * args.world_size)
+    real = response_mask.bool()
+    var_returns = returns[real].var(unbiased=False)
+    explained_var = (1 - (returns[real] - values[real]).var(unbiased=False) / var_returns).item()
+    n_tokens = response_mask.sum().item()
+    return mean_over_processes({
+        "objective/scores": raw_scores.mean().item(),
+        "objective/scores_std": raw_scores.std().item() if batch_size > 1 else 0.0,
+        "objective/kl": mean_kl,
+        "objective/kl_coef": kl_coef_used,
+        "objective/non_score_reward": (-kl_coef_used * kl).sum(1).mean().item(),
+        "objective/entropy": masked_mean(entropy, response_mask).item(),
+        "losses/policy_loss": _mean(policy_losses),
+        "losses/value_loss": _mean(value_losses),
+        "losses/approx_kl": _mean(approx_kls),
+        "losses/clipfrac": _mean(clipfracs),
+        "losses/value_clipfrac": _mean(value_clipfracs),
+        "losses/ratio_mean": _mean(ratios),
+        "losses/explained_variance": explained_var,
+        "losses/grad_norm": _mean(grad_norms) if grad_norms else float("nan"),
+        "losses/skipped_micro_batches": skipped,
+        "losses/epochs": epoch + 1,
+        "charts/response_length": response_mask.sum(1).mean().item(),
+        "perf/train_tokens_per_s": n_tokens * (epoch + 1) / train_time * args.world_size,
+    }, device)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: HF-format policy + value head + training state, written atomically
+# ---------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration):
+    """HF-format policy (or LoRA adapter) + value head + training state, swapped into place atomically."""
+    with atomic_dir(path) as tmp:
+        policy.lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, tmp / "value_head.safetensors")
+        torch.save({
+            "iteration": iteration, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+            "score_moments": [score_moments.mean, score_moments.var, score_moments.count],
+        }, tmp / "training_state.pt")  # no RNG state: every iteration seeds itself (see main)
+
+
+def load_checkpoint(path: Path, policy, optimizer, kl_ctl, score_moments) -> int:
+    """Restore the state saved by save_checkpoint (no pickle: weights_only); returns the iterations done."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    state = torch.load(path / "training_state.pt", weights_only=True)
+    if isinstance(policy.lm, PeftModel):
+        set_peft_model_state_dict(policy.lm, load_peft_weights(str(path)))
+    else:
+        policy.lm.load_state_dict(type(policy.lm).from_pretrained(path).state_dict())
+    policy.v_head.load_state_dict(load_file(path / "value_head.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+    kl_ctl.value = state["kl_coef"]
+    score_moments.mean, score_moments.var, score_moments.count = state["score_moments"]
+    return state["iteration"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+def main(args: Args):
+    device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
+    args = check_args(args, world_size)
+    is_main = rank == 0  # only the first process logs, tracks and saves
+    quiet_libraries()
+    out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
+    resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
+    if args.resume and resume_from is None and is_main:
+        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+    torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
+
+    # Policy + value head, reference model, tokenizer
+    remote = dict(trust_remote_code=args.trust_remote_code)
+    config = from_pretrained(AutoConfig, args.model, "--model", **remote)
+    if not config.is_encoder_decoder:
+        raise UserError(f"--model {args.model!r} is a decoder-only (causal) LM; use ppo.py for it")
+    tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", **remote)
+    if tokenizer.pad_token_id is None:
+        # documented default: pad with EOS. Safe here because every mask comes from sequence lengths, never
+        # from comparing ids with pad_token_id, so a real EOS inside a response is never mistaken for padding.
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = from_pretrained(AutoModelForSeq2SeqLM, args.model, "--model", **remote)
+    if lm.config.decoder_start_token_id is None:
+        raise UserError(f"--model {args.model!r} has no decoder_start_token_id in its config; set it there")
+    if args.lora_r > 0:  # reference = the same model with adapters disabled: no second copy in memory
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                           target_modules=args.lora_target_modules, task_type="SEQ_2_SEQ_LM"))
+        ref_lm = None
+    else:
+        ref_lm = copy.deepcopy(lm).requires_grad_(False).to(device).eval()
+    policy = PolicyAndValue(lm, config.get_text_config().hidden_size).to(device)
+    # Dropout off in rollout *and* training (eval mode throughout, as the seed library): the log-probs of the
+    # update then equal the rollout's exactly at the first step, so the ratio starts at 1.
+    policy.eval()
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate)
+    ddp_policy = policy  # under torchrun: gradients all-reduced (averaged) by DDP in the backward pass
+    if world_size > 1:
+        ddp_policy = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # Rewards: a classifier with its own tokenizer and/or Python functions, weighted and added up
+    reward_fns = {spec: load_function(spec, "--reward-fn", REWARD_FUNCTIONS) for spec in args.reward_fn}
+    if args.reward_model:
+        reward_model = from_pretrained(AutoModelForSequenceClassification, args.reward_model, "--reward-model",
+                                       **remote).to(device).eval()
+        reward_tokenizer = from_pretrained(AutoTokenizer, args.reward_model, "--reward-model", **remote)
+        if reward_tokenizer.pad_token_id is None:
+            reward_tokenizer.pad_token = reward_tokenizer.eos_token
+        if reward_model.config.pad_token_id is None:  # else the classifier may read its score at a pad token
+            reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+        label_index = reward_label_index(reward_model.config, args.reward_label)
+    weights = args.reward_weights or [1.0] * (bool(args.reward_model) + len(reward_fns))
+
+    # Prompts (the texts' first tokens, decoded: what the reward model and functions see as the prompt), the
+    # encoder inputs made from them with the template, and sampling
+    dataset = load_dataset(args.dataset, args.dataset_split)
+    prompts = build_prompts(dataset, tokenizer, args.dataset_text_field, args.prompt_min_tokens,
+                            args.prompt_max_tokens, args.seed)
+    all_prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    all_queries = apply_template(all_prompt_texts, tokenizer, args.prompt_template)
+    gen_config, stop_id = make_generation_config(args, tokenizer, lm.config.decoder_start_token_id)
+
+    kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon, args.adaptive_kl)
+    score_moments = RunningMoments()
+    start_iteration = 0
+    if resume_from is not None:
+        start_iteration = load_checkpoint(resume_from, policy, optimizer, kl_ctl, score_moments)
+        if is_main:
+            print(f"resumed from {resume_from} after iteration {start_iteration}")
+    if is_main:
+        tracker = Tracker(out_dir, args, start_iteration, args.track, args.wandb_project)
+        print(f"PPO (encoder-decoder): {args.num_iterations} iterations x {args.batch_size} episodes on {world_size} x "
+              f"{device}; {len(prompts)} prompts; outputs in {out_dir}")
+
+    for iteration in (bar := tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
+                                  total=args.num_iterations, dynamic_ncols=True, disable=not is_main)):
+        # Each iteration seeds itself from (seed, iteration, rank): a resumed run samples exactly what an
+        # uninterrupted one would, with no RNG state to save, and every process samples its own episodes.
+        torch.manual_seed(args.seed + 100_000 * iteration + rank)
+        generator = torch.Generator().manual_seed(args.seed + 100_000 * iteration + rank)  # mini-batch shuffling
+        if args.anneal_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * (1 - iteration / args.num_iterations)
+
+        # Rollout: generate, cut after the stop token, score
+        start = time.perf_counter()
+        indices = batch_indices(iteration, args.batch_size, len(prompts), args.seed)  # the global batch
+        indices = indices[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]  # this process's share
+        queries, prompt_texts = [all_queries[i] for i in indices], [all_prompt_texts[i] for i in indices]
+        generated = generate(policy.lm, queries, tokenizer.pad_token_id, gen_config, device)
+        responses, contains_stop = truncate_after_stop(generated, stop_id)
+        generate_time = time.perf_counter() - start
+        completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        parts = {}  # each reward source's scores, shape: [batch]
+        if args.reward_model:  # the text start and its continuation: the review, without the instruction
+            texts = [f"{p} {c}" for p, c in zip(prompt_texts, completions)]
+            parts["reward_model"] = score_with_model(reward_model, reward_tokenizer, texts, label_index,
+                                                     args.micro_batch_size, device)
+            if not torch.isfinite(parts["reward_model"]).all():
+                raise UserError(f"--reward-model {args.reward_model!r} returned NaN/inf scores")
+        for spec, fn in reward_fns.items():
+            parts[spec] = call_reward_fn(fn, len(queries), f"iteration {iteration + 1}", prompt_texts, completions,
+                                         [r.tolist() for r in responses])
+        scores = sum(w * part for w, part in zip(weights, parts.values()))
+        if args.missing_eos_penalty is not None and stop_id is not None:
+            scores[~contains_stop] -= args.missing_eos_penalty
+        rollout_time = time.perf_counter() - start
+
+        # Optimisation
+        stats = ppo_step(args, ddp_policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments,
+                         tokenizer.pad_token_id, generator)
+        iteration_time = time.perf_counter() - start
+        stats.update(mean_over_processes({
+            "iteration": iteration + 1, "episodes": (iteration + 1) * args.batch_size,
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/stop_fraction": contains_stop.float().mean().item(),
+            **{f"rewards/{name}": part.mean().item() for name, part in parts.items()},
+            "perf/episodes_per_s": args.batch_size / iteration_time,
+            "perf/rollout_tokens_per_s": sum(len(r) for r in responses) / generate_time * world_size,
+            "perf/rollout_s": rollout_time, "perf/iteration_s": iteration_time,
+            "perf/peak_memory_mb": peak_memory_mb(device),  # per process
+        }, device))
+        if not is_main:
+            continue
+        tracker.log(stats)
+        bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:+.3f} "
+                  f"| beta {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
+                  f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
+                  f"| len {stats['charts/response_length']:.1f} | {stats['perf/episodes_per_s']:.1f} ep/s")
+        if (iteration + 1) % args.save_every == 0 or iteration + 1 == args.num_iterations:
+            save_checkpoint(ckpt_dir, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration + 1)
+
+    if distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not is_main:
+        return None
+    # Final model at the top of the output folder: AutoModelForSeq2SeqLM.from_pretrained(output_dir) loads it
+    (policy.lm.merge_and_unload() if args.lora_r > 0 else policy.lm).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, out_dir / "value_head.safetensors")
+    tracker.close()
+    print(f"done: policy in {out_dir} (AutoModelForSeq2SeqLM.from_pretrained), metrics in {tracker.path}, "
+          f"resumable checkpoint in {ckpt_dir}")
+    return tracker.path
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as err:
+        sys.exit(f"error: {err}")
