@@ -1,0 +1,466 @@
+"""Reward modelling from pairwise preferences, in one file.
+
+The second step of the RLHF recipe (Stiennon et al. 2020, Ouyang et al. 2022 sec. 3.5): a sequence classifier
+with one output, r(x), trained so that the chosen text of each pair scores above the rejected one, with the
+Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected) - margin). The saved model plugs into
+`python ppo.py --reward-model <output-dir> --reward-label 0`. Read top to bottom: arguments, data, the loss and
+accuracy, checkpoints, and the training loop in `main`.
+
+    python reward.py --model gpt2 --dataset Anthropic/hh-rlhf
+    python reward.py --model tiny/minilm --dataset prefs.jsonl --max-seq-length 128   # offline
+"""
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+import tyro
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
+from utils.runtime import Tracker, atomic_dir, autocast, complete_checkpoint, peak_memory_mb, pick_device
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "reward"
+    """name of the run (wandb run name prefix)"""
+    seed: int = 1
+    """seed of the run (head init, dropout, data order, held-out split): a CPU run is repeatable"""
+    output_dir: str = "runs/reward"
+    """where checkpoints, metrics.jsonl and the final model go"""
+    resume: bool = False
+    """continue exactly from the last complete checkpoint in --output-dir"""
+    save_every: int = 500
+    """save a checkpoint every this many optimizer steps (and always at the end)"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without network)"""
+    wandb_project: str = "rlhf-reward"
+    """wandb project name"""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, ... ('auto': cuda if available)"""
+
+    # model
+    model: str = "gpt2"
+    """backbone (hub id or local folder) loaded as a sequence classifier with one output (a fresh head if needed)"""
+    trust_remote_code: bool = False
+    """allow models whose code lives on the hub (runs that code!)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% slower"""
+
+    # data
+    dataset: str = "Anthropic/hh-rlhf"
+    """preference pairs with columns chosen, rejected and optionally prompt, margin: hub id, folder or file"""
+    dataset_split: str = "train"
+    """split of --dataset to train on"""
+    eval_dataset: Optional[str] = None
+    """evaluation pairs in the same format (None: from --dataset)"""
+    eval_split: Optional[str] = None
+    """split to evaluate on (None: hold out --eval-fraction of the training split)"""
+    eval_fraction: float = 0.05
+    """fraction of the training split held out for evaluation when there is no eval split/dataset (0: none)"""
+    max_eval_examples: Optional[int] = None
+    """evaluate on the first this many evaluation pairs only (faster evals)"""
+    max_seq_length: Optional[int] = None
+    """longer texts are truncated, counted and reported (None: the model's context, at most 1024)"""
+    truncation_side: Literal["left", "right"] = "left"
+    """end of a long text to cut: 'left' keeps the end, where the judged response is (saved: ppo.py cuts alike)"""
+
+    # loss
+    center_rewards_coefficient: Optional[float] = None
+    """weight of the loss mean((r_chosen + r_rejected)^2), which keeps rewards centred on 0 (Eisenstein et al. 2023)"""
+
+    # optimisation
+    num_epochs: float = 1.0
+    """passes over the training pairs (ignored when --max-steps is set)"""
+    max_steps: Optional[int] = None
+    """number of optimizer steps (overrides --num-epochs)"""
+    batch_size: int = 32
+    """pairs per optimizer step"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step (micro batch = batch_size / gradient_accumulation_steps)"""
+    learning_rate: float = 2e-5
+    """peak AdamW learning rate"""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay after warmup: cosine or linear to 0, or constant"""
+    warmup_ratio: float = 0.0
+    """fraction of the steps over which the learning rate rises linearly from 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only (not biases, norms)"""
+    max_grad_norm: Optional[float] = 1.0
+    """clip the gradient norm to this value (None: no clipping)"""
+    eval_every: int = 100
+    """evaluate every this many steps (also before the first step and at the end; 0: only those two)"""
+
+    # LoRA (peft)
+    lora_r: int = 0
+    """LoRA rank (0: full fine-tuning); the new score head is always trained in full"""
+    lora_alpha: int = 16
+    """LoRA alpha (the adapter's output is scaled by alpha / r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA branch"""
+    lora_target_modules: Optional[list[str]] = None
+    """modules to adapt (None: peft's choice for the architecture)"""
+    merge_lora: bool = True
+    """save the final model with the adapters merged in (a plain checkpoint); else the adapter only"""
+
+    # computed at runtime from the above (not flags)
+    micro_batch_size: tyro.conf.Suppress[int] = 0
+    """batch_size / gradient_accumulation_steps"""
+    num_steps: tyro.conf.Suppress[int] = 0
+    """optimizer steps: max_steps, or ceil(num_epochs * training pairs / batch_size) once the data is loaded"""
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    if b <= 0 or a % b:
+        raise UserError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def check_args(args: Args) -> Args:
+    """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
+    args.micro_batch_size = exact_div(args.batch_size, args.gradient_accumulation_steps,
+                                      "--batch-size / --gradient-accumulation-steps")
+    if not 0 <= args.eval_fraction < 1:
+        raise UserError("--eval-fraction must be in [0, 1)")
+    if (args.max_steps is not None and args.max_steps < 1) or args.num_epochs <= 0:
+        raise UserError("--max-steps must be >= 1 and --num-epochs > 0")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UserError("--warmup-ratio must be in [0, 1)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would train alone and write the same files
+        raise UserError("reward.py runs in one process (no DDP yet): launch it with python, not torchrun")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: (prompt +) chosen and (prompt +) rejected texts, tokenized with the reward model's tokenizer
+# ---------------------------------------------------------------------------------------------------------
+def check_columns(columns: list[str], flag: str = "--dataset"):
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    if missing:
+        raise UserError(f"{flag} needs the columns 'chosen' and 'rejected' (optional: 'prompt', 'margin'); "
+                        f"missing {missing}, found {columns}")
+
+
+def pair_texts(example: dict, tokenizer) -> tuple[str, str]:
+    """The two texts the model scores. An explicit prompt is prepended to both; without one the prompt is
+    implicit (already inside chosen and rejected). Conversations (lists of messages) go through the chat template."""
+    chosen, rejected, prompt = example["chosen"], example["rejected"], example.get("prompt")
+    if isinstance(chosen, list):
+        if tokenizer.chat_template is None:
+            raise UserError("--dataset holds conversations (lists of messages) but the tokenizer of --model has no "
+                            "chat template: use a model whose tokenizer has one, or give the pairs as text")
+        return tuple(tokenizer.apply_chat_template((prompt or []) + c, tokenize=False) for c in (chosen, rejected))
+    return (prompt or "") + chosen, (prompt or "") + rejected
+
+
+def tokenize_pairs(dataset, tokenizer, max_len: int):
+    """Tokenize every pair into (chosen_ids, rejected_ids, margin). Pairs whose two texts are the same, or become
+    the same once truncated to max_len tokens, say nothing about preference: they are dropped and counted.
+    Returns (pairs, n_truncated_texts, n_identical, n_identical_after_truncation)."""
+    texts = [pair_texts(ex, tokenizer) for ex in dataset.to_list()]  # to_list: 10x faster than iterating
+    margins = [float(m) for m in dataset["margin"]] if "margin" in dataset.column_names else [0.0] * len(texts)
+    n_identical = sum(c == r for c, r in texts)
+    kept = [(c, r, m) for (c, r), m in zip(texts, margins) if c != r]
+    flat = [t for c, r, _ in kept for t in (c, r)]
+    if not flat:
+        return [], 0, n_identical, 0
+    # max_len + 1 tokens show that a text is too long; those are tokenized again with the tokenizer's own
+    # truncation, which keeps its special tokens (e.g. BERT's [CLS] ... [SEP])
+    ids = tokenizer(flat, truncation=True, max_length=max_len + 1)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_len]
+    if too_long:
+        cut = tokenizer([flat[i] for i in too_long], truncation=True, max_length=max_len)["input_ids"]
+        for i, x in zip(too_long, cut):
+            ids[i] = x
+    pairs = [(ids[2 * k], ids[2 * k + 1], m) for k, (_, _, m) in enumerate(kept)]
+    same = sum(c == r for c, r, _ in pairs)
+    return [p for p in pairs if p[0] != p[1]], len(too_long), n_identical, same
+
+
+def right_pad(sequences, pad_id: int, device):
+    """List of token-id lists -> right-padded input_ids and attention_mask [batch, max_len]."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, : len(s)], attention_mask[i, : len(s)] = torch.tensor(s), 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def batch_indices(iteration: int, batch_size: int, n: int, seed: int):
+    """Example indices of an iteration: consecutive slices of an endless stream of seeded permutations, so a
+    resumed run sees exactly the examples an uninterrupted one would."""
+    start, out = iteration * batch_size, []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rewards, loss and accuracy (tested against hand-computed values in tests/test_reward.py)
+# ---------------------------------------------------------------------------------------------------------
+def pair_rewards(model, pairs, pad_id: int, device):
+    """Score the chosen and the rejected texts of `pairs` in one forward. The classifier reads its score at the
+    last token that is not config.pad_token_id (decoders) or at [CLS] (encoders), as ppo.py will.
+    Returns chosen_rewards, rejected_rewards [pairs] and margins [pairs]."""
+    input_ids, attention_mask = right_pad([p[0] for p in pairs] + [p[1] for p in pairs], pad_id, device)
+    with autocast(device):
+        rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()  # shape: [2 * pairs]
+    margins = torch.tensor([p[2] for p in pairs], device=device)
+    return rewards[: len(pairs)], rewards[len(pairs) :], margins
+
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None):
+    """-log sigmoid(r_chosen - r_rejected - margin), averaged over pairs: the Bradley-Terry model's negative
+    log-likelihood of the preferences (Ouyang et al. 2022, eq. 1), with the margin of Touvron et al. 2023
+    (Llama 2), eq. 2. shapes: [pairs] -> scalar."""
+    logits = chosen_rewards - rejected_rewards
+    if margin is not None:
+        logits = logits - margin
+    return -F.logsigmoid(logits).mean()  # logsigmoid, not log(sigmoid(.)): finite for large negative logits
+
+
+def center_rewards_loss(chosen_rewards, rejected_rewards):
+    """mean((r_chosen + r_rejected)^2): zero when each pair's rewards sum to 0, so rewards stay centred on 0
+    (the auxiliary loss of Eisenstein et al. 2023; the Bradley-Terry loss alone is blind to a shift of all
+    rewards). shapes: [pairs] -> scalar."""
+    return ((chosen_rewards + rejected_rewards) ** 2).mean()
+
+
+def pairwise_accuracy(chosen_rewards, rejected_rewards):
+    """Fraction of pairs ranked right; a tie counts one half, so a constant model scores 0.5 (chance)."""
+    right = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    return right.mean()
+
+
+def learning_rate_at(step: int, num_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup from 0, then cosine/linear decay to 0."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
+    return peak * (1 - progress) if schedule == "linear" else peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device) -> dict:
+    """Loss, pairwise accuracy, mean reward gap and mean reward over held-out pairs (dropout off)."""
+    model.eval()
+    chosen, rejected, margins = zip(*(pair_rewards(model, pairs[i : i + micro_batch_size], pad_id, device)
+                                      for i in range(0, len(pairs), micro_batch_size)))
+    chosen, rejected, margins = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)
+    model.train()
+    return {"eval/loss": bradley_terry_loss(chosen, rejected, margins).item(),
+            "eval/accuracy": pairwise_accuracy(chosen, rejected).item(),
+            "eval/reward_gap": (chosen - rejected).mean().item(),
+            "eval/reward_mean": torch.cat([chosen, rejected]).mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: HF-format model (or LoRA adapter) + tokenizer + training state, written atomically
+# ---------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int):
+    """HF-format model (or LoRA adapter) + tokenizer + training state, swapped into place atomically. The RNG
+    states make a resumed run draw the same dropout masks as an uninterrupted one."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "training_state.pt")
+
+
+def load_checkpoint(path: Path, model, optimizer) -> int:
+    """Restore the state saved by save_checkpoint (no pickle: weights_only); returns the optimizer steps done."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    state = torch.load(path / "training_state.pt", weights_only=True)
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_peft_weights(str(path)))
+    else:
+        model.load_state_dict(type(model).from_pretrained(path).state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+def load_pairs(args: Args, tokenizer, max_len: int):
+    """Training and evaluation pairs, tokenized, with what was truncated or dropped reported."""
+    train = load_dataset(args.dataset, args.dataset_split)
+    check_columns(train.column_names)
+    if len(train) == 0:
+        raise UserError(f"--dataset {args.dataset!r} split {args.dataset_split!r} is empty")
+    if args.eval_dataset or args.eval_split:
+        flag = "--eval-dataset" if args.eval_dataset else "--eval-split"
+        evaluation = load_dataset(args.eval_dataset or args.dataset, args.eval_split or args.dataset_split, flag)
+        check_columns(evaluation.column_names, flag)
+    elif args.eval_fraction > 0 and len(train) >= 2:
+        split = train.train_test_split(test_size=max(1, round(args.eval_fraction * len(train))), seed=args.seed)
+        train, evaluation = split["train"], split["test"]
+    else:
+        evaluation = None
+    if evaluation is not None and args.max_eval_examples is not None:
+        evaluation = evaluation.select(range(min(args.max_eval_examples, len(evaluation))))
+    out = []
+    for name, ds in (("training", train), ("evaluation", evaluation)):
+        pairs, n_truncated, n_identical, n_same = tokenize_pairs(ds, tokenizer, max_len) if ds else ([], 0, 0, 0)
+        if n_truncated:
+            print(f"warning: {n_truncated} of {2 * len(ds)} {name} texts were longer than --max-seq-length {max_len} "
+                  f"tokens and were truncated ({args.truncation_side} side)", file=sys.stderr)
+        if n_identical:
+            print(f"warning: {n_identical} {name} pairs have chosen == rejected and were dropped", file=sys.stderr)
+        if n_same:
+            print(f"warning: {n_same} {name} pairs became identical when truncated to {max_len} tokens and were "
+                  "dropped (raise --max-seq-length)", file=sys.stderr)
+        if not pairs and name == "training":
+            raise UserError("no training pair is left (see the warnings above)")
+        out.append(pairs)
+    print(f"data: {len(out[0])} training and {len(out[1])} evaluation pairs of <= {max_len} tokens per text")
+    return out
+
+
+def load_model(args: Args, tokenizer, device):
+    """A sequence classifier with a single output. A checkpoint with another head (a language model, a 2-label
+    classifier) gets a fresh one-output head. Weights stay in fp32 (bf16 only inside autocast)."""
+    remote = {"trust_remote_code": args.trust_remote_code}
+    config = from_pretrained(AutoConfig, args.model, "--model", **remote)
+    kwargs = {"num_labels": 1, "dtype": torch.float32, **remote}
+    if config.num_labels != 1 and config.architectures and "ForSequenceClassification" in config.architectures[0]:
+        print(f"note: --model has a {config.num_labels}-label head; it is replaced by a fresh 1-output head")
+        kwargs["ignore_mismatched_sizes"] = True
+    model = from_pretrained(AutoModelForSequenceClassification, args.model, "--model", **kwargs)
+    # Decoder classifiers (GPT-2, Llama, ...) read the score at the last token that is not config.pad_token_id;
+    # left unset or different from the tokenizer's, the score would be read at a pad token or fail for batches.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if args.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+        model.activation_checkpointing_enable()  # non-reentrant: works with frozen (LoRA) base weights
+    if args.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        # task SEQ_CLS: peft trains and saves the fresh head ("score"/"classifier") in full beside the adapters
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=args.lora_target_modules, task_type="SEQ_CLS")
+        model = get_peft_model(model, lora)
+    return model.to(device)
+
+
+def main(args: Args):
+    args = check_args(args)
+    quiet_libraries()
+    out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
+    resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
+    if args.resume and resume_from is None:
+        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+
+    # Tokenizer and model
+    tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise UserError(f"the tokenizer of --model {args.model!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token  # as gpt2 reward models do; the pad id goes into the config below
+    tokenizer.truncation_side = args.truncation_side
+    with torch.random.fork_rng(devices=[]):  # the fresh head's init depends on --seed only
+        torch.manual_seed(args.seed)
+        model = load_model(args, tokenizer, device)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    max_len = args.max_seq_length or min(context or 1024, 1024)
+    if context and max_len > context:
+        raise UserError(f"--max-seq-length {max_len} exceeds the model's context of {context} positions")
+    # Dropout as the model's config sets it during training (model.train(), as the usual recipe); off in eval.
+    model.train()
+
+    train_pairs, eval_pairs = load_pairs(args, tokenizer, max_len)
+    args.num_steps = args.max_steps or math.ceil(args.num_epochs * len(train_pairs) / args.batch_size)
+    warmup_steps = round(args.warmup_ratio * args.num_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=args.learning_rate)
+    start_step = load_checkpoint(resume_from, model, optimizer) if resume_from else 0
+    if resume_from:
+        print(f"resumed from {resume_from} after step {start_step}")
+    # args.json, metrics.jsonl (cut back to the checkpoint's step on resume), wandb with --track
+    tracker = Tracker(out_dir, args, start_step, args.track, args.wandb_project, step_key="step")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"reward model: {args.num_steps} steps x {args.batch_size} pairs on {device}; {n_params / 1e6:.1f}M "
+          f"parameters ({sum(p.numel() for p in params) / 1e6:.2f}M trained); outputs in {out_dir}")
+
+    pad_id, n_micro = tokenizer.pad_token_id, args.gradient_accumulation_steps
+    if start_step == 0 and eval_pairs:
+        tracker.log({"step": 0, **evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device)})
+    for step in (bar := tqdm(range(start_step, args.num_steps), desc="reward", initial=start_step,
+                             total=args.num_steps, dynamic_ncols=True)):
+        start = time.perf_counter()
+        lr = learning_rate_at(step, args.num_steps, warmup_steps, args.learning_rate, args.lr_scheduler)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = batch_indices(step, args.batch_size, len(train_pairs), args.seed)
+        b_chosen, b_rejected, step_loss = [], [], 0.0
+        for j in range(0, args.batch_size, args.micro_batch_size):
+            micro_pairs = [train_pairs[i] for i in indices[j : j + args.micro_batch_size]]
+            chosen_rewards, rejected_rewards, margins = pair_rewards(model, micro_pairs, pad_id, device)
+            loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins)
+            if args.center_rewards_coefficient:
+                loss = loss + args.center_rewards_coefficient * center_rewards_loss(chosen_rewards, rejected_rewards)
+            (loss / n_micro).backward()  # micro-batches hold equal numbers of pairs: this is the step's mean
+            step_loss += loss.item() / n_micro
+            b_chosen.append(chosen_rewards.detach()), b_rejected.append(rejected_rewards.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        b_chosen, b_rejected = torch.cat(b_chosen), torch.cat(b_rejected)
+        stats = {"step": step + 1, "epoch": (step + 1) * args.batch_size / len(train_pairs), "losses/loss": step_loss,
+                 "losses/grad_norm": grad_norm, "objective/accuracy": pairwise_accuracy(b_chosen, b_rejected).item(),
+                 "objective/reward_gap": (b_chosen - b_rejected).mean().item(),
+                 "objective/reward_mean": torch.cat([b_chosen, b_rejected]).mean().item(), "charts/learning_rate": lr,
+                 "perf/pairs_per_s": args.batch_size / (time.perf_counter() - start),
+                 "perf/peak_memory_mb": peak_memory_mb(device)}
+        bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{stats['objective/accuracy']:.2f}")
+        if eval_pairs and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.num_steps):
+            stats.update(evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device))
+            bar.write(f"step {step + 1:>5} | loss {step_loss:.4f} | eval loss {stats['eval/loss']:.4f} "
+                      f"| eval accuracy {stats['eval/accuracy']:.3f} | gap {stats['eval/reward_gap']:+.3f} "
+                      f"| lr {lr:.2e} | {stats['perf/pairs_per_s']:.1f} pairs/s")
+        tracker.log(stats)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.num_steps:
+            save_checkpoint(ckpt_dir, model, tokenizer, optimizer, step + 1)
+
+    # Final model at the top of the output folder: AutoModelForSequenceClassification.from_pretrained loads it
+    final = model.merge_and_unload() if args.lora_r > 0 and args.merge_lora else model
+    final.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    tracker.close()
+    print(f"done: reward model in {out_dir} (AutoModelForSequenceClassification.from_pretrained; "
+          f"ppo.py --reward-model {out_dir} --reward-label 0), metrics in {tracker.path}, "
+          f"resumable checkpoint in {ckpt_dir}")
+    return tracker.path
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,23 @@
+"""The offline quickstart's fast variant, end to end: SFT -> reward model -> PPO -> evaluation. The independent
+judge (VADER sentiment, never used in training) must rate the completions after PPO clearly higher."""
+
+import json
+
+import pytest
+
+from conftest import run_script
+
+
+@pytest.mark.slow
+def test_fast_quickstart_improves_the_independent_judge(tmp_path):
+    out = tmp_path / "quickstart"
+    proc = run_script("-m", "utils.quickstart", "--fast", "--out", out, timeout=1800)
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["before"]["vader"]["mean"], report["after"]["vader"]["mean"]
+    assert after > before + 0.1, report
+    assert report["after"]["reward_model"]["mean"] > report["before"]["reward_model"]["mean"]
+    assert (out / "curves.png").stat().st_size > 10_000 and (out / "report.md").exists()
+    assert "[sft] python sft.py" in proc.stdout  # each stage prints the command a user can rerun
+    # idempotent: a second call skips every finished stage
+    again = run_script("-m", "utils.quickstart", "--fast", "--out", out, timeout=600)
+    assert again.stdout.count("done already") == 3

@@ -1,0 +1,201 @@
+"""The offline quickstart: SFT -> reward model -> PPO on real IMDB reviews, then a before/after evaluation.
+
+    python -m utils.quickstart            # the whole pipeline (see README for the measured time)
+    python -m utils.quickstart --fast     # a smoke-sized run (CI)
+
+Every stage runs one of our scripts as a subprocess with the flags printed here, exactly as you would by hand.
+A finished stage is skipped on the next call (unless --force); an interrupted one resumes from its checkpoint.
+Outputs in --out: data/, sft/, reward/, ppo/ (each a normal run folder), report.json, report.md, curves.png.
+"""
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from utils import assets as assets_lib  # noqa: E402
+from utils import data as data_lib  # noqa: E402
+from utils.assets import read_jsonl, write_jsonl  # noqa: E402
+
+# Stage sizes: (full, fast). The full run is tuned to finish in about the time README states on 2 CPU cores.
+SIZES = {
+    "sft_steps": (400, 100), "reward_pairs": (1000, 400), "reward_steps": (120, 30),
+    "ppo_episodes": (64 * 40, 64 * 16), "eval_prompts": (256, 128),
+}
+
+
+def stage_commands(out: Path, tiny: Path, fast: bool, seed: int) -> dict:
+    """The command of each stage, as a user would type it from the repository root."""
+    size = {k: v[1] if fast else v[0] for k, v in SIZES.items()}
+    return {
+        "sft": [
+            "sft.py", "--model", tiny / "policy", "--from-scratch", "--config-overrides", "n_layer=4", "n_embd=128",
+            "n_head=4", "n_positions=256", "--tokenizer", tiny / "tokenizer", "--dataset", tiny / "imdb/train.jsonl",
+            "--max-seq-length", "128", "--packing", "--batch-size", "16", "--learning-rate", "1e-3",
+            "--max-steps", size["sft_steps"], "--eval-fraction", "0.01", "--max-eval-examples", "64",
+            "--eval-every", max(size["sft_steps"] // 4, 1), "--save-every", max(size["sft_steps"] // 4, 1),
+            "--seed", seed, "--output-dir", out / "sft",
+        ],
+        "reward": [
+            "reward.py", "--model", tiny / "minilm", "--dataset", out / "data/prefs_train.jsonl",
+            "--eval-dataset", out / "data/prefs_test.jsonl", "--max-seq-length", "128", "--batch-size", "16",
+            "--learning-rate", "5e-5", "--max-steps", size["reward_steps"], "--eval-every", size["reward_steps"],
+            "--seed", seed, "--output-dir", out / "reward",
+        ],
+        "ppo": [
+            "ppo.py", "--model", out / "sft", "--reward-model", out / "reward", "--dataset", tiny / "prompts.jsonl",
+            "--total-episodes", size["ppo_episodes"], "--batch-size", "64", "--mini-batch-size", "32",
+            "--learning-rate", "1e-3", "--score-scaling", "normalize", "--response-length", "24", "--kl-coef", "0.1",
+            "--kl-target", "6",
+            "--save-every", "5", "--seed", seed, "--output-dir", out / "ppo",
+        ],
+    }
+
+
+def run_stage(name: str, argv: list, out_dir: Path, force: bool):
+    done = out_dir / ".quickstart-done"
+    if done.exists() and not force:
+        print(f"[{name}] done already ({out_dir}); --force reruns it")
+        return
+    argv = [str(a) for a in argv]
+    if (out_dir / "checkpoint").exists() and not force:
+        argv.append("--resume")
+    print(f"[{name}] python {shlex.join(argv)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *argv], cwd=ROOT, check=True)
+    done.write_text(f"{time.perf_counter() - start:.0f} s\n")
+
+
+def evaluate(out: Path, eval_prompts: list, seed: int, n_samples: int = 6) -> dict:
+    """Before (SFT) vs after (PPO) on held-out prompts: reward-model score, an independent judge (VADER
+    sentiment of the completion, never used in training), and KL(after || before) of the after-policy's samples."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import ppo
+
+    device = torch.device("cpu")
+    tokenizer = AutoTokenizer.from_pretrained(out / "sft")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    reward_model = AutoModelForSequenceClassification.from_pretrained(out / "reward").eval()
+    reward_tokenizer = AutoTokenizer.from_pretrained(out / "reward")
+    args = ppo.Args(response_length=24)
+    gen_config, stop_id = ppo.make_generation_config(args, tokenizer)
+    prompts = ppo.build_prompts(_as_dataset(eval_prompts), tokenizer, "text", 2, 8, seed)
+    models = {"before": AutoModelForCausalLM.from_pretrained(out / "sft").eval(),
+              "after": AutoModelForCausalLM.from_pretrained(out / "ppo").eval()}
+    report, completions = {"n_prompts": len(prompts)}, {}
+    for name, lm in models.items():
+        torch.manual_seed(seed)
+        responses = []
+        for i in range(0, len(prompts), 64):
+            generated = ppo.generate(lm, prompts[i : i + 64], tokenizer.pad_token_id, gen_config, device)
+            responses += ppo.truncate_after_stop(generated, stop_id)[0]
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+        rm = ppo.score_with_model(reward_model, reward_tokenizer, [p + c for p, c in zip(prompt_texts, texts)], 0, 64, device)
+        judge = ppo.reward_vader(prompt_texts, texts, None)
+        report[name] = {"reward_model": _mean_std(rm.tolist()), "vader": _mean_std(judge)}
+        completions[name] = (prompt_texts, texts)
+        if name == "after":
+            report["kl_after_vs_before"] = _mean_std(_sequence_kl(models["after"], models["before"], prompts, responses, tokenizer))
+    report["samples"] = [{"prompt": p, "before": b, "after": a} for p, b, a in
+                         zip(completions["before"][0], completions["before"][1], completions["after"][1])][:n_samples]
+    return report
+
+
+def _sequence_kl(lm, ref_lm, queries, responses, tokenizer):
+    """Per-sequence k1 estimate sum_t log p(y_t) - log q(y_t) on the samples of lm (as ppo.py's objective/kl)."""
+    import torch
+
+    import ppo
+
+    kls = []
+    with torch.no_grad():
+        for i in range(0, len(queries), 64):
+            q_ids, q_mask = ppo.left_pad(queries[i : i + 64], tokenizer.pad_token_id)
+            r_ids, r_mask = ppo.right_pad(responses[i : i + 64], tokenizer.pad_token_id)
+            ids, mask = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, r_mask], 1)
+            logp = ppo.logprobs_of(ppo.lm_forward(lm, ids, mask, q_ids.shape[1]), r_ids)
+            ref_logp = ppo.logprobs_of(ppo.lm_forward(ref_lm, ids, mask, q_ids.shape[1]), r_ids)
+            kls += ((logp - ref_logp) * r_mask).sum(1).tolist()
+    return kls
+
+
+def _as_dataset(records):
+    import datasets
+
+    return datasets.Dataset.from_list(records)
+
+
+def _mean_std(xs):
+    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def write_report(out: Path, report: dict, stage_times: dict) -> Path:
+    b, a = report["before"], report["after"]
+    lines = [
+        "# Quickstart report: SFT -> reward model -> PPO (offline IMDB)", "",
+        f"Held-out prompts: {report['n_prompts']} (first 2-8 tokens of held-out reviews); mean ± std.", "",
+        "| policy | reward-model score | VADER judge (independent) |", "|---|---|---|",
+        f"| before PPO (SFT) | {b['reward_model']['mean']:+.3f} ± {b['reward_model']['std']:.3f} | "
+        f"{b['vader']['mean']:+.3f} ± {b['vader']['std']:.3f} |",
+        f"| after PPO | {a['reward_model']['mean']:+.3f} ± {a['reward_model']['std']:.3f} | "
+        f"{a['vader']['mean']:+.3f} ± {a['vader']['std']:.3f} |", "",
+        f"KL(after || before) per sequence: {report['kl_after_vs_before']['mean']:.2f} ± "
+        f"{report['kl_after_vs_before']['std']:.2f} nats", "",
+        "Stage times: " + ", ".join(f"{k} {v}" for k, v in stage_times.items()), "",
+        "| prompt | before PPO | after PPO |", "|---|---|---|",
+    ]
+    clean = lambda s: s.replace("|", "/").replace("\n", " ")
+    lines += [f"| {clean(s['prompt'])} | {clean(s['before'])} | {clean(s['after'])} |" for s in report["samples"]]
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="quickstart", help="output folder (default: ./quickstart)")
+    parser.add_argument("--fast", action="store_true", help="smoke-sized stages (about 3 minutes)")
+    parser.add_argument("--force", action="store_true", help="rerun finished stages")
+    parser.add_argument("--seed", type=int, default=1, help="seed of every stage")
+    a = parser.parse_args()
+    out = (ROOT / a.out).resolve() if not Path(a.out).is_absolute() else Path(a.out)
+    start = time.perf_counter()
+
+    tiny = assets_lib.build()
+    size = {k: v[1] if a.fast else v[0] for k, v in SIZES.items()}
+    if a.force or not (out / "data/prefs_train.jsonl").exists():
+        data_lib.build(out / "data", n_train=size["reward_pairs"], n_test=140, seed=0)
+        test = read_jsonl(tiny / "imdb/test.jsonl")  # prompts.jsonl holds the first 1,024: evaluate on others
+        write_jsonl(out / "data/eval_prompts.jsonl", ({"text": r["text"]} for r in test[-size["eval_prompts"]:]))
+
+    rel = lambda p: Path(p).relative_to(ROOT) if Path(p).is_relative_to(ROOT) else Path(p)
+    commands = stage_commands(rel(out), rel(tiny), a.fast, a.seed)
+    stage_times = {}
+    for name, argv in commands.items():
+        t = time.perf_counter()
+        run_stage(name, argv, out / name, a.force)
+        stage_times[name] = f"{time.perf_counter() - t:.0f} s"
+
+    print("[eval] before/after PPO on held-out prompts", flush=True)
+    report = evaluate(out, read_jsonl(out / "data/eval_prompts.jsonl"), a.seed)
+    report["total_seconds"] = round(time.perf_counter() - start)
+    report_md = write_report(out, report, stage_times)
+    from utils.plot import plot_metrics
+
+    png = plot_metrics(out / "ppo/metrics.jsonl", out / "curves.png", title="PPO on the offline IMDB quickstart")
+    print((out / "report.md").read_text())
+    print(f"quickstart done in {report['total_seconds']} s: {report_md}, {png}, {out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()
