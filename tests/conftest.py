@@ -6,9 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
+# One intra-op thread per process (tests and the scripts they launch): the models are tiny, and on a busy 2-core
+# machine torch's threads spin-wait for each other (seen here: 2-10x slower than one thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
