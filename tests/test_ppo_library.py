@@ -23,9 +23,11 @@ def test_readme_library_snippet_runs(assets):
     assert re.search(r"kl -?\d\.\d{4}  policy loss -?\d\.\d{4}", proc.stdout), proc.stdout
 
 
-def test_library_call_matches_the_scripts_update_bit_for_bit(assets, tmp_path, monkeypatch):
+def check_library_call_matches_script(module, main_args, model_cls, model_dir, monkeypatch):
+    """Record the batch and state that `module.main` hands to its own `ppo_step`, then redo that update with a
+    library call on models loaded as a user would: weights and statistics must be bit-identical."""
     recorded = {}
-    real_step = ppo.ppo_step
+    real_step = module.ppo_step
 
     def spy(args, policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments, pad_id, generator):
         recorded.update(args=copy.deepcopy(args), before=copy.deepcopy(policy.state_dict()), queries=queries,
@@ -36,23 +38,26 @@ def test_library_call_matches_the_scripts_update_bit_for_bit(assets, tmp_path, m
         recorded.update(after=copy.deepcopy(policy.state_dict()), stats=dict(stats))  # main adds keys later
         return stats
 
-    monkeypatch.setattr(ppo, "ppo_step", spy)
-    ppo.main(tiny_args(assets, tmp_path, total_episodes=8, reward_fn=["length"], reward_weights=[1.0, -0.1]))
-    assert len(read_metrics(tmp_path / "run/metrics.jsonl")) == 1
+    monkeypatch.setattr(module, "ppo_step", spy)
+    assert len(read_metrics(module.main(main_args))) == 1
 
-    # the same update from the library, with models loaded as a user would and the recorded batch
-    lm = AutoModelForCausalLM.from_pretrained(assets / "policy")
-    policy = ppo.PolicyAndValue(lm, lm.config.hidden_size).eval()
+    lm = model_cls.from_pretrained(model_dir)
+    policy = module.PolicyAndValue(lm, lm.config.hidden_size).eval()
     policy.load_state_dict(recorded["before"])
-    ref_lm = AutoModelForCausalLM.from_pretrained(assets / "policy").eval()
+    ref_lm = model_cls.from_pretrained(model_dir).eval()
     args = recorded["args"]
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
-    kl_ctl = ppo.KLController(recorded["kl_coef"], args.kl_target, args.kl_horizon)
+    kl_ctl = module.KLController(recorded["kl_coef"], args.kl_target, args.kl_horizon)
     generator = torch.Generator()
     generator.set_state(recorded["generator"])
     stats = real_step(args, policy, ref_lm, optimizer, recorded["queries"], recorded["responses"],
-                      recorded["scores"], kl_ctl, ppo.RunningMoments(), recorded["pad_id"], generator)
+                      recorded["scores"], kl_ctl, module.RunningMoments(), recorded["pad_id"], generator)
     after = policy.state_dict()
     assert all(torch.equal(after[k], recorded["after"][k]) for k in after)
     strip = lambda d: {k: v for k, v in d.items() if not k.startswith("perf/")}
     assert strip(stats) == strip(recorded["stats"])
+
+
+def test_library_call_matches_the_scripts_update_bit_for_bit(assets, tmp_path, monkeypatch):
+    args = tiny_args(assets, tmp_path, total_episodes=8, reward_fn=["length"], reward_weights=[1.0, -0.1])
+    check_library_call_matches_script(ppo, args, AutoModelForCausalLM, assets / "policy", monkeypatch)

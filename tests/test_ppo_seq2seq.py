@@ -253,38 +253,10 @@ def test_lora_uses_disabled_adapters_as_reference(assets, tmp_path):
 
 
 def test_library_call_matches_the_scripts_update_bit_for_bit(assets, tmp_path, monkeypatch):
-    recorded = {}
-    real_step = s2s.ppo_step
+    from test_ppo_library import check_library_call_matches_script
 
-    def spy(args, policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments, pad_id, generator):
-        recorded.update(args=copy.deepcopy(args), before=copy.deepcopy(policy.state_dict()), queries=queries,
-                        responses=responses, scores=scores.clone(), kl_coef=kl_ctl.value, pad_id=pad_id,
-                        generator=generator.get_state())
-        stats = real_step(args, policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments,
-                          pad_id, generator)
-        recorded.update(after=copy.deepcopy(policy.state_dict()), stats=dict(stats))  # main adds keys later
-        return stats
-
-    monkeypatch.setattr(s2s, "ppo_step", spy)
-    s2s.main(tiny_args(assets, tmp_path, total_episodes=8, reward_fn=["length"], reward_weights=[1.0, -0.1]))
-    assert len(read_metrics(tmp_path / "run/metrics.jsonl")) == 1
-
-    # the same update from the library, with models loaded as a user would and the recorded batch
-    lm = AutoModelForSeq2SeqLM.from_pretrained(assets / "t5")
-    policy = s2s.PolicyAndValue(lm, lm.config.hidden_size).eval()
-    policy.load_state_dict(recorded["before"])
-    ref_lm = AutoModelForSeq2SeqLM.from_pretrained(assets / "t5").eval()
-    args = recorded["args"]
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
-    kl_ctl = s2s.KLController(recorded["kl_coef"], args.kl_target, args.kl_horizon)
-    generator = torch.Generator()
-    generator.set_state(recorded["generator"])
-    stats = real_step(args, policy, ref_lm, optimizer, recorded["queries"], recorded["responses"],
-                      recorded["scores"], kl_ctl, s2s.RunningMoments(), recorded["pad_id"], generator)
-    after = policy.state_dict()
-    assert all(torch.equal(after[k], recorded["after"][k]) for k in after)
-    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("perf/")}
-    assert strip(stats) == strip(recorded["stats"])
+    args = tiny_args(assets, tmp_path, total_episodes=8, reward_fn=["length"], reward_weights=[1.0, -0.1])
+    check_library_call_matches_script(s2s, args, AutoModelForSeq2SeqLM, assets / "t5", monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------
