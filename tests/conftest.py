@@ -30,3 +30,8 @@ def run_script(*argv, check=True, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def torchrun(*argv, nproc: int = 2, check=True):
+    """Run one of our scripts under PyTorch's launcher on `nproc` CPU processes (gloo), as a user would."""
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc, *argv, check=check)

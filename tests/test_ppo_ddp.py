@@ -8,12 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ppo
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, torchrun
 from ddp_worker import fixed_batch, update
-
-
-def torchrun(*argv):
-    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv)
 
 
 def test_two_processes_whiten_and_update_like_one(assets, tmp_path):

@@ -17,7 +17,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import ppo
 import ppo_seq2seq as s2s
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, torchrun
 
 # Helpers whose math is the same in both scripts: copies, kept identical (STYLE.md). A change to one of them in
 # ppo.py must be copied to ppo_seq2seq.py (and the other way round).
@@ -309,8 +309,7 @@ def test_torchrun_end_to_end_and_resume_in_one_process(assets, tmp_path):
     out = tmp_path / "run"
     flags = ["--model", assets / "t5", "--reward-model", assets / "reward", "--dataset", assets / "prompts.jsonl",
              "--output-dir", out, "--batch-size", 8, "--mini-batch-size", 4, "--response-length", 8, "--ppo-epochs", 2]
-    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", ROOT / "ppo_seq2seq.py",
-                      *flags, "--total-episodes", 16)
+    proc = torchrun(ROOT / "ppo_seq2seq.py", *flags, "--total-episodes", 16)
     assert proc.stdout.count("iter    1 |") == 1  # only rank 0 prints
     assert [m["iteration"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2]
     AutoModelForSeq2SeqLM.from_pretrained(out)
