@@ -26,6 +26,7 @@ import functools
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -63,6 +64,10 @@ class Args:
     """wandb project name"""
     device: str = "auto"
     """cpu, cuda, cuda:1, ... ('auto': cuda if available)"""
+    fsdp: bool = False
+    """under torchrun: shard the policy, value head, reference model and Adam state over the processes (FSDP)
+    instead of keeping a full copy on each (DDP), for models that do not fit one device"""
+
 
     # models and data
     model: str = "google/flan-t5-small"
@@ -205,6 +210,8 @@ def check_args(args: Args, world_size: int = 1) -> Args:
         raise UserError(f"--prompt-template {args.prompt_template!r} has no {{text}} placeholder for the dataset text")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (log-probs are divided by it)")
+    if args.fsdp and world_size == 1:
+        raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
     if args.top_k != 0 or args.top_p < 1.0:
         print("warning: top-k/top-p sampling makes the policy sample from a truncated distribution; the KL "
               "estimate is then biased (it can go negative). Use --top-k 0 --top-p 1.0 unless you mean it.",
@@ -514,16 +521,19 @@ def make_generation_config(args: Args, tokenizer, decoder_start_token_id: int):
 
 
 @torch.no_grad()
-def generate(lm, queries, pad_id: int, gen_config: GenerationConfig, device):
+def generate(lm, queries, pad_id: int, gen_config: GenerationConfig, device, synced: bool = False):
     """Sample responses for a list of queries. Our generation config replaces the model's own for the call
     (transformers would otherwise fill our unset fields from it, e.g. eos_token_id=None, or the beams, minimum
-    lengths, n-gram bans and forced first token of hub BART configs: sampling would no longer be the policy)."""
+    lengths, n-gram bans and forced first token of hub BART configs: sampling would no longer be the policy).
+    synced: every process runs the same number of decoding steps (FSDP: each step gathers weights together)."""
     ids, mask = right_pad(queries, pad_id)  # encoder input, shape: [batch, query_len]
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     saved, base.generation_config = base.generation_config, gen_config
     try:
+        if hasattr(lm, "unshard"):  # FSDP: generate runs the encoder outside the LM's forward, so the shared
+            lm.unshard()  # embedding must be gathered beforehand (the decoder steps' forwards reshard it)
         with autocast(device):
-            out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device))
+            out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), synced_gpus=synced)
     finally:
         base.generation_config = saved
     return out[:, 1:].cpu()  # drop the decoder start token; shape: [batch, <= response_length]
@@ -674,35 +684,99 @@ def _mean(xs):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: HF-format policy + value head + training state, written atomically
+# Checkpoints: HF-format policy + value head + training state, written atomically. The optimizer state is saved
+# by parameter name, whole (gathered from the shards under FSDP): a checkpoint resumes in one process, under DDP
+# or under FSDP, with any number of processes that divides the batch.
 # ---------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration):
-    """HF-format policy (or LoRA adapter) + value head + training state, swapped into place atomically."""
+def full_state_dicts(policy, optimizer, fsdp: bool):
+    """(policy weights, optimizer state by parameter name), unsharded: the weights only under FSDP (None otherwise:
+    the model holds them whole), the optimizer state only if an optimizer is given. Under FSDP every process must
+    call this (it gathers the shards to rank 0's CPU memory)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
+    weights = get_model_state_dict(policy, options=options) if fsdp else None
+    return weights, get_optimizer_state_dict(policy, optimizer, options=options) if optimizer else None
+
+
+def save_model(path: Path, policy, weights=None):
+    """The LM in HF format (or its LoRA adapter) and the value head, from `weights` (full_state_dicts) if given."""
+    weights = weights if weights is not None else policy.state_dict()
+    part = lambda prefix: {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    policy.lm.save_pretrained(path, state_dict=part("lm."))
+    save_file({k: v.contiguous() for k, v in part("v_head.").items()}, path / "value_head.safetensors")
+
+
+def save_checkpoint(path: Path, policy, tokenizer, state: tuple, kl_ctl, score_moments, iteration):
+    """Policy + value head + tokenizer + training state (state: full_state_dicts' pair), swapped in atomically."""
+    weights, optimizer_state = state
     with atomic_dir(path) as tmp:
-        policy.lm.save_pretrained(tmp)
+        save_model(tmp, policy, weights)
         tokenizer.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, tmp / "value_head.safetensors")
         torch.save({
-            "iteration": iteration, "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+            "iteration": iteration, "optimizer": optimizer_state, "kl_coef": kl_ctl.value,
             "score_moments": [score_moments.mean, score_moments.var, score_moments.count],
         }, tmp / "training_state.pt")  # no RNG state: every iteration seeds itself (see main)
 
 
-def load_checkpoint(path: Path, policy, optimizer, kl_ctl, score_moments) -> int:
-    """Restore the state saved by save_checkpoint (no pickle: weights_only); returns the iterations done."""
+def load_weights(path: Path, policy):
+    """Load a checkpoint's LM weights (or LoRA adapter) and value head, before the policy is wrapped/sharded."""
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    state = torch.load(path / "training_state.pt", weights_only=True)
     if isinstance(policy.lm, PeftModel):
         set_peft_model_state_dict(policy.lm, load_peft_weights(str(path)))
     else:
         policy.lm.load_state_dict(type(policy.lm).from_pretrained(path).state_dict())
     policy.v_head.load_state_dict(load_file(path / "value_head.safetensors"))
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def load_training_state(path: Path, policy, optimizer, kl_ctl, score_moments, fsdp: bool) -> int:
+    """Restore the optimizer and controller state saved by save_checkpoint (no pickle: weights_only); returns the
+    iterations done."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)  # any device
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
     kl_ctl.value = state["kl_coef"]
     score_moments.mean, score_moments.var, score_moments.count = state["score_moments"]
     return state["iteration"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed training: DDP or FSDP under torchrun
+# ---------------------------------------------------------------------------------------------------------
+def distribute(policy, ref_lm, args: Args, device, example_inputs: tuple):
+    """Under torchrun: DDP keeps a whole copy of the policy on each process and averages the gradients during the
+    backward pass; FSDP (--fsdp) splits each transformer block's parameters (policy and reference), gradients and
+    optimizer state over the processes and gathers a block's weights only while it computes. In one process: the
+    policy itself. Returns the policy to train (the DDP wrapper, or the policy sharded in place). example_inputs:
+    arguments of one tiny forward of the policy."""
+    if args.world_size == 1:
+        return policy
+    if not args.fsdp:
+        return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # never edited in place
+    for lm in (policy.lm, ref_lm):
+        if lm is None:  # LoRA: the reference is the policy with adapters off
+            continue
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        blocks = set(getattr(base, "_no_split_modules", None) or [])  # the model's layer classes, e.g. GPT2Block
+        for module in lm.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module)  # one all-gather per block: only one block's full weights exist at a time
+        fully_shard(lm)  # embeddings, final norm, head: the LM is called on its own to generate
+    fully_shard(policy.v_head)
+    # The root holds no parameters of its own: FSDP keeps a root's parameters gathered after forward, and we saw a
+    # root's gradients go unreduced after a no_grad forward (rollout) followed by a training one (torch 2.13).
+    fully_shard(policy)
+    # FSDP takes the first module to run forward as its root: make it the policy, before generation calls the LM
+    with torch.no_grad():
+        policy(*example_inputs)
+    return policy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -744,10 +818,11 @@ def main(args: Args):
     # Dropout off in rollout *and* training (eval mode throughout, as the seed library): the log-probs of the
     # update then equal the rollout's exactly at the first step, so the ratio starts at 1.
     policy.eval()
+    if resume_from is not None:
+        load_weights(resume_from, policy)
+    ones = torch.ones(1, 2, dtype=torch.long, device=device)  # a 2-token query and response
+    train_policy = distribute(policy, ref_lm, args, device, (ones, ones, ones, 1.0))  # DDP / FSDP / policy itself
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate)
-    ddp_policy = policy  # under torchrun: gradients all-reduced (averaged) by DDP in the backward pass
-    if world_size > 1:
-        ddp_policy = nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
 
     # Rewards: a classifier with its own tokenizer and/or Python functions, weighted and added up
     reward_fns = {spec: load_function(spec, "--reward-fn", REWARD_FUNCTIONS) for spec in args.reward_fn}
@@ -775,7 +850,7 @@ def main(args: Args):
     score_moments = RunningMoments()
     start_iteration = 0
     if resume_from is not None:
-        start_iteration = load_checkpoint(resume_from, policy, optimizer, kl_ctl, score_moments)
+        start_iteration = load_training_state(resume_from, policy, optimizer, kl_ctl, score_moments, args.fsdp)
         if is_main:
             print(f"resumed from {resume_from} after iteration {start_iteration}")
     if is_main:
@@ -798,7 +873,7 @@ def main(args: Args):
         indices = batch_indices(iteration, args.batch_size, len(prompts), args.seed)  # the global batch
         indices = indices[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]  # this process's share
         queries, prompt_texts = [all_queries[i] for i in indices], [all_prompt_texts[i] for i in indices]
-        generated = generate(policy.lm, queries, tokenizer.pad_token_id, gen_config, device)
+        generated = generate(policy.lm, queries, tokenizer.pad_token_id, gen_config, device, synced=args.fsdp)
         responses, contains_stop = truncate_after_stop(generated, stop_id)
         generate_time = time.perf_counter() - start
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -818,7 +893,7 @@ def main(args: Args):
         rollout_time = time.perf_counter() - start
 
         # Optimisation
-        stats = ppo_step(args, ddp_policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments,
+        stats = ppo_step(args, train_policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments,
                          tokenizer.pad_token_id, generator)
         iteration_time = time.perf_counter() - start
         stats.update(mean_over_processes({
@@ -831,29 +906,32 @@ def main(args: Args):
             "perf/rollout_s": rollout_time, "perf/iteration_s": iteration_time,
             "perf/peak_memory_mb": peak_memory_mb(device),  # per process
         }, device))
-        if not is_main:
-            continue
-        tracker.log(stats)
-        bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:+.3f} "
-                  f"| beta {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
-                  f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
-                  f"| len {stats['charts/response_length']:.1f} | {stats['perf/episodes_per_s']:.1f} ep/s")
+        if is_main:
+            tracker.log(stats)
+            bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:+.3f} "
+                      f"| beta {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
+                      f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
+                      f"| len {stats['charts/response_length']:.1f} | {stats['perf/episodes_per_s']:.1f} ep/s")
         if (iteration + 1) % args.save_every == 0 or iteration + 1 == args.num_iterations:
-            save_checkpoint(ckpt_dir, policy, tokenizer, optimizer, kl_ctl, score_moments, iteration + 1)
+            state = full_state_dicts(policy, optimizer, args.fsdp)  # every process: FSDP gathers the shards
+            if is_main:
+                save_checkpoint(ckpt_dir, policy, tokenizer, state, kl_ctl, score_moments, iteration + 1)
 
-    if distributed():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    if not is_main:
-        return None
     # Final model at the top of the output folder: AutoModelForSeq2SeqLM.from_pretrained(output_dir) loads it
-    (policy.lm.merge_and_unload() if args.lora_r > 0 else policy.lm).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    save_file({k: v.contiguous() for k, v in policy.v_head.state_dict().items()}, out_dir / "value_head.safetensors")
-    tracker.close()
-    print(f"done: policy in {out_dir} (AutoModelForSeq2SeqLM.from_pretrained), metrics in {tracker.path}, "
-          f"resumable checkpoint in {ckpt_dir}")
-    return tracker.path
+    # (LoRA: merged into the weights; under FSDP the adapter alone, as merging needs the unsharded weights).
+    weights = full_state_dicts(policy, None, args.fsdp)[0]
+    if is_main:
+        if args.lora_r > 0 and not args.fsdp:
+            policy.lm = policy.lm.merge_and_unload()
+        save_model(out_dir, policy, weights)
+        tokenizer.save_pretrained(out_dir)
+        tracker.close()
+        print(f"done: policy in {out_dir} (AutoModelForSeq2SeqLM.from_pretrained), metrics in {tracker.path}, "
+              f"resumable checkpoint in {ckpt_dir}")
+    if distributed():
+        torch.distributed.barrier()  # nobody leaves before rank 0 has saved
+        torch.distributed.destroy_process_group()
+    return out_dir / "metrics.jsonl" if is_main else None
 
 
 if __name__ == "__main__":

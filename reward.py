@@ -8,12 +8,13 @@ accuracy, checkpoints, and the training loop in `main`.
 
     python reward.py --model gpt2 --dataset Anthropic/hh-rlhf
     python reward.py --model tiny/minilm --dataset prefs.jsonl --max-seq-length 128   # offline
+    torchrun --nproc_per_node 4 reward.py --model gpt2 --dataset Anthropic/hh-rlhf     # DDP: 4 GPUs (or CPU processes)
 """
 
 import math
-import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -21,11 +22,13 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 import tyro
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import Tracker, atomic_dir, autocast, complete_checkpoint, peak_memory_mb, pick_device
+from utils.runtime import (Tracker, atomic_dir, autocast, complete_checkpoint, distributed, init_distributed,
+                           mean_over_processes, peak_memory_mb)
 
 
 @dataclass
@@ -84,9 +87,9 @@ class Args:
     max_steps: Optional[int] = None
     """number of optimizer steps (overrides --num-epochs)"""
     batch_size: int = 32
-    """pairs per optimizer step"""
+    """pairs per optimizer step, over all processes (under torchrun each rank takes batch_size / world size)"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step (micro batch = batch_size / gradient_accumulation_steps)"""
+    """micro-batches per optimizer step on each process (micro batch = batch_size / world size / this)"""
     learning_rate: float = 2e-5
     """peak AdamW learning rate"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -113,8 +116,12 @@ class Args:
     """save the final model with the adapters merged in (a plain checkpoint); else the adapter only"""
 
     # computed at runtime from the above (not flags)
+    world_size: tyro.conf.Suppress[int] = 1
+    """number of processes (torchrun's WORLD_SIZE)"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """pairs per optimizer step on this process = batch_size / world_size"""
     micro_batch_size: tyro.conf.Suppress[int] = 0
-    """batch_size / gradient_accumulation_steps"""
+    """pairs per forward/backward on this process = local_batch_size / gradient_accumulation_steps"""
     num_steps: tyro.conf.Suppress[int] = 0
     """optimizer steps: max_steps, or ceil(num_epochs * training pairs / batch_size) once the data is loaded"""
 
@@ -125,18 +132,19 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def check_args(args: Args) -> Args:
+def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
-    args.micro_batch_size = exact_div(args.batch_size, args.gradient_accumulation_steps,
-                                      "--batch-size / --gradient-accumulation-steps")
+    args.world_size = world_size
+    args.local_batch_size = exact_div(args.batch_size, world_size,
+                                      "--batch-size / processes (torchrun --nproc_per_node)")
+    args.micro_batch_size = exact_div(args.local_batch_size, args.gradient_accumulation_steps,
+                                      "--batch-size / processes / --gradient-accumulation-steps")
     if not 0 <= args.eval_fraction < 1:
         raise UserError("--eval-fraction must be in [0, 1)")
     if (args.max_steps is not None and args.max_steps < 1) or args.num_epochs <= 0:
         raise UserError("--max-steps must be >= 1 and --num-epochs > 0")
     if not 0 <= args.warmup_ratio < 1:
         raise UserError("--warmup-ratio must be in [0, 1)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would train alone and write the same files
-        raise UserError("reward.py runs in one process (no DDP yet): launch it with python, not torchrun")
     return args
 
 
@@ -255,55 +263,79 @@ def learning_rate_at(step: int, num_steps: int, warmup_steps: int, peak: float, 
 
 
 @torch.no_grad()
-def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device) -> dict:
-    """Loss, pairwise accuracy, mean reward gap and mean reward over held-out pairs (dropout off)."""
+def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device, rank: int = 0, world_size: int = 1) -> dict:
+    """Loss, pairwise accuracy, mean reward gap and mean reward over held-out pairs (dropout off). Each process
+    scores its share pairs[rank::world_size] and the per-pair sums are added over processes, so every process
+    gets the single-process result on all the pairs."""
     model.eval()
-    chosen, rejected, margins = zip(*(pair_rewards(model, pairs[i : i + micro_batch_size], pad_id, device)
-                                      for i in range(0, len(pairs), micro_batch_size)))
-    chosen, rejected, margins = torch.cat(chosen), torch.cat(rejected), torch.cat(margins)
+    local_pairs = pairs[rank::world_size]  # may be empty when there are fewer pairs than processes
+    # sums over pairs of: loss, accuracy, reward gap, mean reward of the pair (chosen + rejected) / 2
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for i in range(0, len(local_pairs), micro_batch_size):
+        chosen, rejected, margins = pair_rewards(model, local_pairs[i : i + micro_batch_size], pad_id, device)
+        n = len(chosen)
+        sums += torch.stack([bradley_terry_loss(chosen, rejected, margins) * n, pairwise_accuracy(chosen, rejected) * n,
+                             (chosen - rejected).sum(), (chosen + rejected).sum() / 2]).double()
     model.train()
-    return {"eval/loss": bradley_terry_loss(chosen, rejected, margins).item(),
-            "eval/accuracy": pairwise_accuracy(chosen, rejected).item(),
-            "eval/reward_gap": (chosen - rejected).mean().item(),
-            "eval/reward_mean": torch.cat([chosen, rejected]).mean().item()}
+    if distributed():
+        torch.distributed.all_reduce(sums)
+    loss, accuracy, reward_gap, reward_mean = (sums / len(pairs)).tolist()
+    return {"eval/loss": loss, "eval/accuracy": accuracy, "eval/reward_gap": reward_gap,
+            "eval/reward_mean": reward_mean}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: HF-format model (or LoRA adapter) + tokenizer + training state, written atomically
 # ---------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int):
-    """HF-format model (or LoRA adapter) + tokenizer + training state, swapped into place atomically. The RNG
-    states make a resumed run draw the same dropout masks as an uninterrupted one."""
+# The optimizer state is saved by parameter name, so a checkpoint resumes in one process or under DDP with any
+# number of processes that divides the batch. (These helpers are sft.py's, kept identical; reward.py has no FSDP.)
+def full_state_dicts(model, optimizer, fsdp: bool):
+    """(model weights, optimizer state by parameter name), unsharded: the weights only under FSDP (None otherwise:
+    the model holds them whole), the optimizer state only if an optimizer is given. Under FSDP every process must
+    call this (it gathers the shards to rank 0's CPU memory)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
+    weights = get_model_state_dict(model, options=options) if fsdp else None
+    return weights, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+
+
+def save_checkpoint(path: Path, model, tokenizer, state: tuple, step: int):
+    """HF-format model (or LoRA adapter) + tokenizer + optimizer state (from full_state_dicts), swapped into place
+    atomically. No RNG state: every step seeds itself (see main), so a resumed run is the uninterrupted one."""
+    weights, optimizer_state = state
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "training_state.pt")
+        torch.save({"step": step, "optimizer": optimizer_state}, tmp / "training_state.pt")
 
 
-def load_checkpoint(path: Path, model, optimizer) -> int:
-    """Restore the state saved by save_checkpoint (no pickle: weights_only); returns the optimizer steps done."""
+def load_weights(path: Path, model):
+    """Load a checkpoint's weights (or LoRA adapter) into the model, before it is wrapped for DDP/FSDP."""
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    state = torch.load(path / "training_state.pt", weights_only=True)
     if isinstance(model, PeftModel):
         set_peft_model_state_dict(model, load_peft_weights(str(path)))
     else:
         model.load_state_dict(type(model).from_pretrained(path).state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def load_training_state(path: Path, model, optimizer, fsdp: bool) -> int:
+    """Restore the optimizer state saved by save_checkpoint (no pickle: weights_only); returns the steps done."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)  # any device
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
     return state["step"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
-def load_pairs(args: Args, tokenizer, max_len: int):
-    """Training and evaluation pairs, tokenized, with what was truncated or dropped reported."""
+def load_pairs(args: Args, tokenizer, max_len: int, verbose: bool = True):
+    """Training and evaluation pairs, tokenized, with what was truncated or dropped reported (if verbose)."""
     train = load_dataset(args.dataset, args.dataset_split)
     check_columns(train.column_names)
     if len(train) == 0:
@@ -322,29 +354,31 @@ def load_pairs(args: Args, tokenizer, max_len: int):
     out = []
     for name, ds in (("training", train), ("evaluation", evaluation)):
         pairs, n_truncated, n_identical, n_same = tokenize_pairs(ds, tokenizer, max_len) if ds else ([], 0, 0, 0)
-        if n_truncated:
+        if verbose and n_truncated:
             print(f"warning: {n_truncated} of {2 * len(ds)} {name} texts were longer than --max-seq-length {max_len} "
                   f"tokens and were truncated ({args.truncation_side} side)", file=sys.stderr)
-        if n_identical:
+        if verbose and n_identical:
             print(f"warning: {n_identical} {name} pairs have chosen == rejected and were dropped", file=sys.stderr)
-        if n_same:
+        if verbose and n_same:
             print(f"warning: {n_same} {name} pairs became identical when truncated to {max_len} tokens and were "
                   "dropped (raise --max-seq-length)", file=sys.stderr)
         if not pairs and name == "training":
             raise UserError("no training pair is left (see the warnings above)")
         out.append(pairs)
-    print(f"data: {len(out[0])} training and {len(out[1])} evaluation pairs of <= {max_len} tokens per text")
+    if verbose:
+        print(f"data: {len(out[0])} training and {len(out[1])} evaluation pairs of <= {max_len} tokens per text")
     return out
 
 
-def load_model(args: Args, tokenizer, device):
+def load_model(args: Args, tokenizer, device, verbose: bool = True):
     """A sequence classifier with a single output. A checkpoint with another head (a language model, a 2-label
     classifier) gets a fresh one-output head. Weights stay in fp32 (bf16 only inside autocast)."""
     remote = {"trust_remote_code": args.trust_remote_code}
     config = from_pretrained(AutoConfig, args.model, "--model", **remote)
     kwargs = {"num_labels": 1, "dtype": torch.float32, **remote}
     if config.num_labels != 1 and config.architectures and "ForSequenceClassification" in config.architectures[0]:
-        print(f"note: --model has a {config.num_labels}-label head; it is replaced by a fresh 1-output head")
+        if verbose:
+            print(f"note: --model has a {config.num_labels}-label head; it is replaced by a fresh 1-output head")
         kwargs["ignore_mismatched_sizes"] = True
     model = from_pretrained(AutoModelForSequenceClassification, args.model, "--model", **kwargs)
     # Decoder classifiers (GPT-2, Llama, ...) read the score at the last token that is not config.pad_token_id;
@@ -365,14 +399,14 @@ def load_model(args: Args, tokenizer, device):
 
 
 def main(args: Args):
-    args = check_args(args)
+    device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
+    args = check_args(args, world_size)
+    is_main = rank == 0  # only the first process prints, logs, tracks and saves
     quiet_libraries()
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
-    if args.resume and resume_from is None:
+    if args.resume and resume_from is None and is_main:
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
 
     # Tokenizer and model
     tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", trust_remote_code=args.trust_remote_code)
@@ -381,9 +415,9 @@ def main(args: Args):
             raise UserError(f"the tokenizer of --model {args.model!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token  # as gpt2 reward models do; the pad id goes into the config below
     tokenizer.truncation_side = args.truncation_side
-    with torch.random.fork_rng(devices=[]):  # the fresh head's init depends on --seed only
+    with torch.random.fork_rng(devices=[]):  # the fresh head's init depends on --seed only: the same on every rank
         torch.manual_seed(args.seed)
-        model = load_model(args, tokenizer, device)
+        model = load_model(args, tokenizer, device, verbose=is_main)
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     max_len = args.max_seq_length or min(context or 1024, 1024)
     if context and max_len > context:
@@ -391,63 +425,96 @@ def main(args: Args):
     # Dropout as the model's config sets it during training (model.train(), as the usual recipe); off in eval.
     model.train()
 
-    train_pairs, eval_pairs = load_pairs(args, tokenizer, max_len)
+    # Every process loads and tokenizes all pairs (the same on every rank) and takes its share of each batch below
+    train_pairs, eval_pairs = load_pairs(args, tokenizer, max_len, verbose=is_main)
     args.num_steps = args.max_steps or math.ceil(args.num_epochs * len(train_pairs) / args.batch_size)
     warmup_steps = round(args.warmup_ratio * args.num_steps)
+    if resume_from:
+        load_weights(resume_from, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=args.learning_rate)
-    start_step = load_checkpoint(resume_from, model, optimizer) if resume_from else 0
-    if resume_from:
-        print(f"resumed from {resume_from} after step {start_step}")
-    # args.json, metrics.jsonl (cut back to the checkpoint's step on resume), wandb with --track
-    tracker = Tracker(out_dir, args, start_step, args.track, args.wandb_project, step_key="step")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"reward model: {args.num_steps} steps x {args.batch_size} pairs on {device}; {n_params / 1e6:.1f}M "
-          f"parameters ({sum(p.numel() for p in params) / 1e6:.2f}M trained); outputs in {out_dir}")
+    start_step = load_training_state(resume_from, model, optimizer, fsdp=False) if resume_from else 0
+    # Under torchrun DDP averages the gradients over the processes in the backward pass (and broadcasts rank 0's
+    # weights at the start): each rank's mean loss over its equal share then gives the whole batch's mean gradient.
+    ddp_model = model
+    if world_size > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model,
+                                                        device_ids=[device.index] if device.type == "cuda" else None)
+    if is_main:
+        if resume_from:
+            print(f"resumed from {resume_from} after step {start_step}")
+        # args.json, metrics.jsonl (cut back to the checkpoint's step on resume), wandb with --track
+        tracker = Tracker(out_dir, args, start_step, args.track, args.wandb_project, step_key="step")
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"reward model: {args.num_steps} steps x {args.batch_size} pairs on {world_size} x {device}; "
+              f"{n_params / 1e6:.1f}M parameters ({sum(p.numel() for p in params) / 1e6:.2f}M trained); "
+              f"outputs in {out_dir}")
 
     pad_id, n_micro = tokenizer.pad_token_id, args.gradient_accumulation_steps
     if start_step == 0 and eval_pairs:
-        tracker.log({"step": 0, **evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device)})
+        stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size)
+        if is_main:
+            tracker.log({"step": 0, **stats})
     for step in (bar := tqdm(range(start_step, args.num_steps), desc="reward", initial=start_step,
-                             total=args.num_steps, dynamic_ncols=True)):
+                             total=args.num_steps, dynamic_ncols=True, disable=not is_main)):
+        # Each step seeds its dropout from (seed, step, rank): a resumed run draws exactly what an uninterrupted
+        # one would, with no RNG state to save, and the processes draw different masks.
+        torch.manual_seed(args.seed + 100_000 * step + rank)
         start = time.perf_counter()
         lr = learning_rate_at(step, args.num_steps, warmup_steps, args.learning_rate, args.lr_scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = batch_indices(step, args.batch_size, len(train_pairs), args.seed)
+        indices = batch_indices(step, args.batch_size, len(train_pairs), args.seed)  # the global batch
+        local_indices = indices[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
         b_chosen, b_rejected, step_loss = [], [], 0.0
-        for j in range(0, args.batch_size, args.micro_batch_size):
-            micro_pairs = [train_pairs[i] for i in indices[j : j + args.micro_batch_size]]
-            chosen_rewards, rejected_rewards, margins = pair_rewards(model, micro_pairs, pad_id, device)
-            loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins)
-            if args.center_rewards_coefficient:
-                loss = loss + args.center_rewards_coefficient * center_rewards_loss(chosen_rewards, rejected_rewards)
-            (loss / n_micro).backward()  # micro-batches hold equal numbers of pairs: this is the step's mean
+        for j in range(0, args.local_batch_size, args.micro_batch_size):
+            micro_pairs = [train_pairs[i] for i in local_indices[j : j + args.micro_batch_size]]
+            last = j + args.micro_batch_size == args.local_batch_size
+            # DDP all-reduces the gradients once per step, in the last micro-batch's backward
+            with ddp_model.no_sync() if world_size > 1 and not last else nullcontext():
+                chosen_rewards, rejected_rewards, margins = pair_rewards(ddp_model, micro_pairs, pad_id, device)
+                loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins)
+                if args.center_rewards_coefficient:
+                    center = center_rewards_loss(chosen_rewards, rejected_rewards)
+                    loss = loss + args.center_rewards_coefficient * center
+                (loss / n_micro).backward()  # micro-batches hold equal numbers of pairs: this is the step's mean
             step_loss += loss.item() / n_micro
             b_chosen.append(chosen_rewards.detach()), b_rejected.append(rejected_rewards.detach())
+        # the gradients are the same on every rank now, so the clipping and the update are too
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+        # every process holds local_batch_size pairs: the mean over processes is the mean over the whole batch
         b_chosen, b_rejected = torch.cat(b_chosen), torch.cat(b_rejected)
-        stats = {"step": step + 1, "epoch": (step + 1) * args.batch_size / len(train_pairs), "losses/loss": step_loss,
-                 "losses/grad_norm": grad_norm, "objective/accuracy": pairwise_accuracy(b_chosen, b_rejected).item(),
-                 "objective/reward_gap": (b_chosen - b_rejected).mean().item(),
-                 "objective/reward_mean": torch.cat([b_chosen, b_rejected]).mean().item(), "charts/learning_rate": lr,
-                 "perf/pairs_per_s": args.batch_size / (time.perf_counter() - start),
-                 "perf/peak_memory_mb": peak_memory_mb(device)}
-        bar.set_postfix(loss=f"{step_loss:.3f}", acc=f"{stats['objective/accuracy']:.2f}")
+        stats = mean_over_processes({
+            "step": step + 1, "epoch": (step + 1) * args.batch_size / len(train_pairs), "losses/loss": step_loss,
+            "losses/grad_norm": grad_norm, "objective/accuracy": pairwise_accuracy(b_chosen, b_rejected).item(),
+            "objective/reward_gap": (b_chosen - b_rejected).mean().item(),
+            "objective/reward_mean": torch.cat([b_chosen, b_rejected]).mean().item(), "charts/learning_rate": lr,
+            "perf/pairs_per_s": args.batch_size / (time.perf_counter() - start),  # the whole batch's pairs
+            "perf/peak_memory_mb": peak_memory_mb(device),  # per process
+        }, device)
         if eval_pairs and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.num_steps):
-            stats.update(evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device))
-            bar.write(f"step {step + 1:>5} | loss {step_loss:.4f} | eval loss {stats['eval/loss']:.4f} "
+            stats.update(evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size))
+        if not is_main:
+            continue
+        bar.set_postfix(loss=f"{stats['losses/loss']:.3f}", acc=f"{stats['objective/accuracy']:.2f}")
+        if "eval/loss" in stats:
+            bar.write(f"step {step + 1:>5} | loss {stats['losses/loss']:.4f} | eval loss {stats['eval/loss']:.4f} "
                       f"| eval accuracy {stats['eval/accuracy']:.3f} | gap {stats['eval/reward_gap']:+.3f} "
                       f"| lr {lr:.2e} | {stats['perf/pairs_per_s']:.1f} pairs/s")
         tracker.log(stats)
         if (step + 1) % args.save_every == 0 or step + 1 == args.num_steps:
-            save_checkpoint(ckpt_dir, model, tokenizer, optimizer, step + 1)
+            save_checkpoint(ckpt_dir, model, tokenizer, full_state_dicts(model, optimizer, fsdp=False), step + 1)
 
+    if distributed():  # wait for rank 0's last checkpoint, then leave the process group
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not is_main:
+        return None
     # Final model at the top of the output folder: AutoModelForSequenceClassification.from_pretrained loads it
     final = model.merge_and_unload() if args.lora_r > 0 and args.merge_lora else model
     final.save_pretrained(out_dir)

@@ -9,12 +9,14 @@ and the training loop in `main`.
 
     python sft.py --model facebook/opt-350m --dataset stanfordnlp/imdb --dataset-text-field text --max-seq-length 512
     python sft.py --model tiny/policy --dataset tiny/imdb/train.jsonl --eval-dataset tiny/imdb/test.jsonl   # offline
+    torchrun --nproc_per_node 8 sft.py --model gpt2 ...          # DDP: each process a shard of every batch
+    torchrun --nproc_per_node 8 sft.py --model gpt2 --fsdp ...   # FSDP: parameters, gradients, Adam state sharded
 """
 
 import bisect
+import contextlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import Tracker, atomic_dir, autocast, complete_checkpoint, peak_memory_mb, pick_device
+from utils.runtime import Tracker, atomic_dir, autocast, complete_checkpoint, distributed, init_distributed, peak_memory_mb
 
 
 @dataclass
@@ -66,6 +68,9 @@ class Args:
     """attention kernel: sdpa, eager, flash_attention_2, ... (None: transformers' choice)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP) instead of
+    keeping a full copy on each (DDP), for models that do not fit one device"""
 
     # data
     dataset: str = "stanfordnlp/imdb"
@@ -99,9 +104,9 @@ class Args:
     max_steps: Optional[int] = None
     """number of optimizer steps (overrides --num-epochs)"""
     batch_size: int = 32
-    """examples (packed blocks with --packing) per optimizer step"""
+    """examples (packed blocks with --packing) per optimizer step, over all processes (each gets batch_size / world)"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step (micro batch = batch_size / gradient_accumulation_steps)"""
+    """micro-batches per optimizer step on each process (micro batch = batch_size / world / accumulation steps)"""
     learning_rate: float = 2e-5
     """peak AdamW learning rate (try 1e-3 from scratch)"""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
@@ -128,8 +133,12 @@ class Args:
     """save the final model with the adapters merged in (a plain checkpoint); else the adapter only"""
 
     # computed at runtime from the above (not flags)
+    world_size: tyro.conf.Suppress[int] = 1
+    """processes (torchrun's WORLD_SIZE; 1 with plain python)"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """examples per optimizer step on this process = batch_size / world_size"""
     micro_batch_size: tyro.conf.Suppress[int] = 0
-    """batch_size / gradient_accumulation_steps"""
+    """examples per forward/backward pass = local_batch_size / gradient_accumulation_steps"""
     num_steps: tyro.conf.Suppress[int] = 0
     """optimizer steps: max_steps, or ceil(num_epochs * training examples / batch_size) once the data is loaded"""
 
@@ -140,10 +149,12 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def check_args(args: Args) -> Args:
+def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
-    args.micro_batch_size = exact_div(args.batch_size, args.gradient_accumulation_steps,
-                                      "--batch-size / --gradient-accumulation-steps")
+    args.world_size = world_size
+    args.local_batch_size = exact_div(args.batch_size, world_size, "--batch-size / processes")
+    args.micro_batch_size = exact_div(args.local_batch_size, args.gradient_accumulation_steps,
+                                      "--batch-size / processes / --gradient-accumulation-steps")
     if not 0 <= args.eval_fraction < 1:
         raise UserError("--eval-fraction must be in [0, 1)")
     if args.config_overrides and not args.from_scratch:
@@ -152,8 +163,11 @@ def check_args(args: Args) -> Args:
         raise UserError("--max-steps must be >= 1 and --num-epochs > 0")
     if not 0 <= args.warmup_ratio < 1:
         raise UserError("--warmup-ratio must be in [0, 1)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would train alone and write the same files
-        raise UserError("sft.py runs in one process (no DDP yet): launch it with python, not torchrun")
+    if args.fsdp and world_size == 1:
+        raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
+    if args.fsdp and args.lora_r > 0 and args.merge_lora:
+        raise UserError("--fsdp with LoRA: pass --no-merge-lora (merging needs the unsharded weights; merge the saved "
+                        "adapter afterwards with peft's merge_and_unload)")
     return args
 
 
@@ -353,55 +367,77 @@ def learning_rate_at(step: int, num_steps: int, warmup_steps: int, peak: float, 
 
 
 @torch.no_grad()
-def evaluate(model, examples, micro_batch_size: int, pad_id: int, device) -> dict:
-    """Mean next-token loss per target token over `examples`, and its perplexity (dropout off)."""
+def evaluate(model, examples, micro_batch_size: int, pad_id: int, device, rank: int = 0, world_size: int = 1) -> dict:
+    """Mean next-token loss per target token over `examples`, and its perplexity (dropout off). Under torchrun
+    each process evaluates every world_size-th micro-batch and the sums are added up: the single-process result."""
     model.eval()
-    nll, count = 0.0, 0
-    for i in range(0, len(examples), micro_batch_size):
-        inputs, labels = collate(examples[i : i + micro_batch_size], pad_id, device)
+    batches = [examples[i : i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed nll, target count
+    for k in range(rank, math.ceil(len(batches) / world_size) * world_size, world_size):
+        # every process runs as many forwards (FSDP gathers weights in each); one past the end counts for nothing
+        inputs, labels = collate(batches[k] if k < len(batches) else batches[0], pad_id, device)
         with autocast(device):
             logits = model(**inputs, use_cache=False).logits
-        batch_nll, batch_count = lm_loss(logits, labels)
-        nll, count = nll + batch_nll.item(), count + batch_count.item()
+        if k < len(batches):
+            totals += torch.stack(lm_loss(logits, labels)).double()
+    if distributed():
+        torch.distributed.all_reduce(totals)
     model.train()
+    nll, count = totals.tolist()
     return {"eval/loss": nll / count, "eval/perplexity": math.exp(min(nll / count, 50))}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: HF-format model (or LoRA adapter) + tokenizer + training state, written atomically
 # ---------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int):
-    """HF-format model (or LoRA adapter) + tokenizer + training state, swapped into place atomically. The RNG
-    states make a resumed run draw the same dropout masks as an uninterrupted one."""
+# The optimizer state is saved by parameter name, whole (gathered from the shards under FSDP), so a checkpoint
+# resumes in one process, under DDP or under FSDP with any number of processes that divides the batch.
+def full_state_dicts(model, optimizer, fsdp: bool):
+    """(model weights, optimizer state by parameter name), unsharded: the weights only under FSDP (None otherwise:
+    the model holds them whole), the optimizer state only if an optimizer is given. Under FSDP every process must
+    call this (it gathers the shards to rank 0's CPU memory)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
+    weights = get_model_state_dict(model, options=options) if fsdp else None
+    return weights, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+
+
+def save_checkpoint(path: Path, model, tokenizer, state: tuple, step: int):
+    """HF-format model (or LoRA adapter) + tokenizer + optimizer state (from full_state_dicts), swapped into place
+    atomically. No RNG state: every step seeds itself (see main), so a resumed run is the uninterrupted one."""
+    weights, optimizer_state = state
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "training_state.pt")
+        torch.save({"step": step, "optimizer": optimizer_state}, tmp / "training_state.pt")
 
 
-def load_checkpoint(path: Path, model, optimizer) -> int:
-    """Restore the state saved by save_checkpoint (no pickle: weights_only); returns the optimizer steps done."""
+def load_weights(path: Path, model):
+    """Load a checkpoint's weights (or LoRA adapter) into the model, before it is wrapped for DDP/FSDP."""
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    state = torch.load(path / "training_state.pt", weights_only=True)
     if isinstance(model, PeftModel):
         set_peft_model_state_dict(model, load_peft_weights(str(path)))
     else:
         model.load_state_dict(type(model).from_pretrained(path).state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def load_training_state(path: Path, model, optimizer, fsdp: bool) -> int:
+    """Restore the optimizer state saved by save_checkpoint (no pickle: weights_only); returns the steps done."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)  # any device
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
     return state["step"]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
-def load_examples(args: Args, tokenizer, max_len: int):
+def load_examples(args: Args, tokenizer, max_len: int, verbose: bool = True):
     """Training and evaluation examples, tokenized (and packed with --packing), with their counts reported."""
     train = load_dataset(args.dataset, args.dataset_split)
     if len(train) == 0:
@@ -430,18 +466,19 @@ def load_examples(args: Args, tokenizer, max_len: int):
             continue
         examples, n_truncated, n_dropped = tokenize(ds, fmt, args.dataset_text_field, tokenizer, max_len,
                                                     completion_only)
-        if n_truncated:
+        if n_truncated and verbose:
             print(f"warning: {n_truncated} of {len(ds)} {name} examples were longer than --max-seq-length {max_len} "
                   "tokens and were truncated", file=sys.stderr)
-        if n_dropped:
+        if n_dropped and verbose:
             print(f"warning: {n_dropped} {name} examples had no token to learn (empty, or the completion was cut off "
                   "by truncation) and were skipped", file=sys.stderr)
         if not examples and name == "training":
             raise UserError("no training example is left to learn from (see the warnings above)")
         out.append(pack(examples, max_len) if args.packing else examples)
-    print(f"data: {fmt} format, {len(out[0])} training and {len(out[1])} evaluation "
-          f"{'packed blocks' if args.packing else 'examples'} of <= {max_len} tokens; "
-          f"loss on {'completions only' if completion_only else 'all tokens'}")
+    if verbose:
+        print(f"data: {fmt} format, {len(out[0])} training and {len(out[1])} evaluation "
+              f"{'packed blocks' if args.packing else 'examples'} of <= {max_len} tokens; "
+              f"loss on {'completions only' if completion_only else 'all tokens'}")
     return out
 
 
@@ -489,15 +526,34 @@ def load_model(args: Args, tokenizer, device):
     return model.to(device)
 
 
+def distribute(model, args: Args, device):
+    """Under torchrun: DDP keeps a whole copy of the model on each process and averages the gradients during the
+    backward pass; FSDP (--fsdp) splits each transformer block's parameters, gradients and optimizer state over the
+    processes and gathers a block's weights only while it computes. In one process: the model itself."""
+    if args.world_size == 1:
+        return model
+    if not args.fsdp:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA wrapper
+    blocks = set(getattr(base, "_no_split_modules", None) or [])  # the model's layer classes, e.g. GPT2Block
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)  # one all-gather per block: only one block's full weights exist at a time
+    return fully_shard(model)  # the rest (embeddings, final norm, head)
+
+
 def main(args: Args):
-    args = check_args(args)
+    device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
+    args = check_args(args, world_size)
+    is_main = rank == 0  # only the first process prints, logs and saves
     quiet_libraries()
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
-    if args.resume and resume_from is None:
+    if args.resume and resume_from is None and is_main:
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # LoRA init: the same on every process
 
     # Tokenizer and model
     tokenizer_flag = "--tokenizer" if args.tokenizer else "--model"
@@ -518,76 +574,106 @@ def main(args: Args):
     max_len = args.max_seq_length or min(context or 1024, 1024)
     if context and max_len > context:
         raise UserError(f"--max-seq-length {max_len} exceeds the model's context of {context} positions")
-    if args.packing and not packing_isolates_examples(model, device):
+    if args.packing and not packing_isolates_examples(model, device) and is_main:
         print("warning: this model ignores restarting position ids, so packed examples attend to the examples "
               "before them in their block; use --attn-implementation flash_attention_2 or drop --packing",
               file=sys.stderr)
     # Dropout as the model's config sets it during training (model.train(), as the usual SFT recipe); off in eval.
     model.train()
 
-    train_examples, eval_examples = load_examples(args, tokenizer, max_len)
+    train_examples, eval_examples = load_examples(args, tokenizer, max_len, is_main)
     args.num_steps = args.max_steps or math.ceil(args.num_epochs * len(train_examples) / args.batch_size)
     warmup_steps = round(args.warmup_ratio * args.num_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if resume_from:
+        load_weights(resume_from, model)
+    unwrapped = model  # HF/peft model (sharded in place under FSDP) for saving; `model` may be the DDP wrapper
+    model = distribute(model, args, device)
+    params = [p for p in model.parameters() if p.requires_grad]  # (after sharding: the optimizer holds the shards)
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=args.learning_rate)
-    start_step = load_checkpoint(resume_from, model, optimizer) if resume_from else 0
-    if resume_from:
+    start_step = load_training_state(resume_from, unwrapped, optimizer, args.fsdp) if resume_from else 0
+    if resume_from and is_main:
         print(f"resumed from {resume_from} after step {start_step}")
     # args.json, metrics.jsonl (cut back to the checkpoint's step on resume), wandb with --track
-    tracker = Tracker(out_dir, args, start_step, args.track, args.wandb_project, step_key="step")
+    tracker = Tracker(out_dir, args, start_step, args.track, args.wandb_project, step_key="step") if is_main else None
     n_params, n_trained = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params)
-    print(f"SFT: {args.num_steps} steps x {args.batch_size} {'blocks' if args.packing else 'examples'} on {device}; "
-          f"{n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.2f}M trained); outputs in {out_dir}")
+    if is_main:
+        print(f"SFT: {args.num_steps} steps x {args.batch_size} {'blocks' if args.packing else 'examples'} on "
+              f"{world_size} x {device}{' (FSDP)' if args.fsdp else ''}; {n_params / 1e6:.1f}M parameters "
+              f"({n_trained / 1e6:.2f}M trained); outputs in {out_dir}")
 
+    pad_id = tokenizer.pad_token_id
     if start_step == 0 and eval_examples:
-        tracker.log({"step": 0, **evaluate(model, eval_examples, args.micro_batch_size, tokenizer.pad_token_id, device)})
+        stats = evaluate(model, eval_examples, args.micro_batch_size, pad_id, device, rank, world_size)
+        if is_main:
+            tracker.log({"step": 0, **stats})
     for step in (bar := tqdm(range(start_step, args.num_steps), desc="sft", initial=start_step,
-                             total=args.num_steps, dynamic_ncols=True)):
+                             total=args.num_steps, dynamic_ncols=True, disable=not is_main)):
         start = time.perf_counter()
+        # Each step seeds itself (dropout) from (seed, step, rank): a resumed run is exactly an uninterrupted one.
+        torch.manual_seed(args.seed + 100_000 * step + rank)
         lr = learning_rate_at(step, args.num_steps, warmup_steps, args.learning_rate, args.lr_scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # Every process draws the same global batch and takes its own slice of it.
         indices = batch_indices(step, args.batch_size, len(train_examples), args.seed)
-        micro_batches = [collate([train_examples[i] for i in indices[j : j + args.micro_batch_size]],
-                                 tokenizer.pad_token_id, device)
-                         for j in range(0, args.batch_size, args.micro_batch_size)]
-        # the loss is the mean over the target tokens of the whole step, however they fall into micro-batches
-        n_targets = sum((labels[:, 1:] != -100).sum().item() for _, labels in micro_batches)
-        step_nll = 0.0
-        for inputs, labels in micro_batches:
-            with autocast(device):
-                logits = model(**inputs, use_cache=False).logits  # shape: [micro_batch, len, vocab]
-            nll, _ = lm_loss(logits, labels)
-            (nll / n_targets).backward()
-            step_nll += nll.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
+        indices = indices[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
+        micro_batches = [collate([train_examples[i] for i in indices[j : j + args.micro_batch_size]], pad_id, device)
+                         for j in range(0, args.local_batch_size, args.micro_batch_size)]
+        # The loss is the mean over the target tokens of the whole step (all processes), however they fall into
+        # micro-batches. DDP/FSDP average the gradients over the processes, hence the factor world_size.
+        counts = torch.tensor([sum((labels[:, 1:] != -100).sum().item() for _, labels in micro_batches),
+                               sum(len(train_examples[i][0]) for i in indices)], dtype=torch.float64, device=device)
+        if distributed():
+            torch.distributed.all_reduce(counts)
+        n_targets, n_tokens = counts.tolist()
+        step_nll = torch.zeros((), dtype=torch.float64, device=device)
+        for k, (inputs, labels) in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1  # DDP: all-reduce the gradients once, after the last micro-batch
+            with model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last \
+                    else contextlib.nullcontext():
+                with autocast(device):
+                    logits = model(**inputs, use_cache=False).logits  # shape: [micro_batch, len, vocab]
+                nll, _ = lm_loss(logits, labels)
+                (nll * world_size / n_targets).backward()
+            step_nll += nll.detach().double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if distributed():
+            torch.distributed.all_reduce(step_nll)
 
         step_time = time.perf_counter() - start
-        n_real = sum(len(train_examples[i][0]) for i in indices)
         stats = {"step": step + 1, "epoch": (step + 1) * args.batch_size / len(train_examples), "losses/loss":
-                 step_nll / n_targets, "losses/grad_norm": grad_norm, "charts/learning_rate": lr,
-                 "perf/tokens_per_s": n_real / step_time, "perf/peak_memory_mb": peak_memory_mb(device)}
+                 step_nll.item() / n_targets, "losses/grad_norm": grad_norm.item(), "charts/learning_rate": lr,
+                 "perf/tokens_per_s": n_tokens / step_time, "perf/peak_memory_mb": peak_memory_mb(device)}
         bar.set_postfix(loss=f"{stats['losses/loss']:.3f}")
         if eval_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.num_steps):
-            stats.update(evaluate(model, eval_examples, args.micro_batch_size, tokenizer.pad_token_id, device))
+            stats.update(evaluate(model, eval_examples, args.micro_batch_size, pad_id, device, rank, world_size))
             bar.write(f"step {step + 1:>5} | loss {stats['losses/loss']:.4f} | eval loss {stats['eval/loss']:.4f} "
                       f"| ppl {stats['eval/perplexity']:.2f} | lr {lr:.2e} | {stats['perf/tokens_per_s']:.0f} tok/s")
-        tracker.log(stats)
+        if is_main:
+            tracker.log(stats)  # (peak memory is rank 0's)
         if (step + 1) % args.save_every == 0 or step + 1 == args.num_steps:
-            save_checkpoint(ckpt_dir, model, tokenizer, optimizer, step + 1)
+            state = full_state_dicts(unwrapped, optimizer, args.fsdp)  # every process: FSDP gathers the shards
+            if is_main:
+                save_checkpoint(ckpt_dir, unwrapped, tokenizer, state, step + 1)
 
     # Final model at the top of the output folder: AutoModelForCausalLM.from_pretrained(output_dir) loads it
-    final = model.merge_and_unload() if args.lora_r > 0 and args.merge_lora else model
-    final.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    tracker.close()
-    print(f"done: model in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "
-          f"resumable checkpoint in {ckpt_dir}")
-    return tracker.path
+    weights = full_state_dicts(unwrapped, None, args.fsdp)[0]
+    if is_main:
+        final = unwrapped.merge_and_unload() if args.lora_r > 0 and args.merge_lora else unwrapped
+        final.save_pretrained(out_dir, state_dict=weights)
+        tokenizer.save_pretrained(out_dir)
+        tracker.close()
+        print(f"done: model in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "
+              f"resumable checkpoint in {ckpt_dir}")
+    if distributed():
+        torch.distributed.barrier()  # nobody leaves before rank 0 has saved
+        torch.distributed.destroy_process_group()
+    return out_dir / "metrics.jsonl"
 
 
 if __name__ == "__main__":

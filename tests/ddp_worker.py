@@ -1,5 +1,6 @@
 """Run by tests/test_ppo_ddp.py under torchrun (2 CPU processes, gloo): each rank whitens and trains on its
-half of a fixed batch; rank 0 saves what it got so the test can compare with one process on the whole batch."""
+half of a fixed batch, with DDP or FSDP; rank 0 saves what it got so the test can compare with one process on
+the whole batch."""
 
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ def fixed_batch():
     return queries, responses, scores, x, mask
 
 
-def update(policy_dir, world_size, ddp_wrap, queries, responses, scores):
+def update(policy_dir, world_size, fsdp, queries, responses, scores):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -29,23 +30,26 @@ def update(policy_dir, world_size, ddp_wrap, queries, responses, scores):
     ref = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     policy = ppo.PolicyAndValue(lm, lm.config.n_embd).eval()
     args = ppo.check_args(ppo.Args(batch_size=8, mini_batch_size=8, total_episodes=8, ppo_epochs=2,
-                                   learning_rate=1e-3), world_size)
+                                   learning_rate=1e-3, fsdp=fsdp), world_size)
+    ones = torch.ones(1, 2, dtype=torch.long)
+    wrapped = ppo.distribute(policy, ref, args, torch.device("cpu"), (ones, ones, 1, 1.0))  # DDP, or FSDP in place
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
-    wrapped = torch.nn.parallel.DistributedDataParallel(policy) if ddp_wrap else policy
     kl_ctl = ppo.KLController(0.2, 6.0, 10000)
     stats = ppo.ppo_step(args, wrapped, ref, optimizer, queries, responses, scores, kl_ctl, ppo.RunningMoments(),
                          pad_id=0, generator=torch.Generator().manual_seed(0))
-    return policy.state_dict(), stats, kl_ctl.value
+    weights = ppo.full_state_dicts(policy, None, fsdp)[0] if fsdp else policy.state_dict()  # FSDP: gathered
+    return weights, stats, kl_ctl.value
 
 
 if __name__ == "__main__":
-    policy_dir, out = sys.argv[1], sys.argv[2]
+    policy_dir, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     device, rank, world_size = init_distributed("cpu")
     queries, responses, scores, x, mask = fixed_batch()
     half = slice(rank * 4, rank * 4 + 4)
     rows = slice(rank * 2, rank * 2 + 2)
     whitened = all_gather(ppo.masked_whiten(x[rows], mask[rows]))
-    weights, stats, kl_coef = update(policy_dir, world_size, True, queries[half], responses[half], scores[half])
+    weights, stats, kl_coef = update(policy_dir, world_size, mode == "fsdp", queries[half], responses[half],
+                                     scores[half])
     if rank == 0:
         torch.save({"whitened": whitened, "weights": weights, "stats": stats, "kl_coef": kl_coef}, out)
     torch.distributed.destroy_process_group()

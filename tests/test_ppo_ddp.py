@@ -12,8 +12,9 @@ from conftest import ROOT, run_script, torchrun
 from ddp_worker import fixed_batch, update
 
 
-def test_two_processes_whiten_and_update_like_one(assets, tmp_path):
-    torchrun(ROOT / "tests/ddp_worker.py", assets / "policy", tmp_path / "ddp.pt")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_whiten_and_update_like_one(assets, tmp_path, mode):
+    torchrun(ROOT / "tests/ddp_worker.py", assets / "policy", tmp_path / "ddp.pt", mode)
     got = torch.load(tmp_path / "ddp.pt", weights_only=False)
     queries, responses, scores, x, mask = fixed_batch()
     # whitening statistics reduced over the processes == one process's on the whole batch
@@ -26,11 +27,12 @@ def test_two_processes_whiten_and_update_like_one(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_end_to_end_and_resume_with_another_world_size(assets, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_end_to_end_and_resume_with_another_world_size(assets, tmp_path, mode):
     out = tmp_path / "run"
     flags = ["--model", assets / "policy", "--reward-model", assets / "reward", "--dataset", assets / "prompts.jsonl",
              "--output-dir", out, "--batch-size", 8, "--mini-batch-size", 4, "--response-length", 8, "--ppo-epochs", 2]
-    proc = torchrun(ROOT / "ppo.py", *flags, "--total-episodes", 16)
+    proc = torchrun(ROOT / "ppo.py", *flags, "--total-episodes", 16, *(["--fsdp"] if mode == "fsdp" else []))
     assert proc.stdout.count("iter    1 |") == 1  # only rank 0 prints
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["iteration"] for m in metrics] == [1, 2]

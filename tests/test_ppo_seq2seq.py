@@ -24,8 +24,9 @@ from conftest import ROOT, run_script, torchrun
 SHARED = ["exact_div", "logprobs_of", "entropy_of", "masked_mean", "global_masked_mean", "masked_whiten",
           "kl_per_token", "full_kl_of", "shaped_rewards", "gae", "policy_loss", "value_loss", "KLController",
           "RunningMoments", "vader", "reward_vader", "reward_length", "reward_label_index", "score_with_model",
-          "build_prompts", "batch_indices", "right_pad", "truncate_after_stop", "save_checkpoint", "load_checkpoint",
-          "_mean"]
+          "build_prompts", "batch_indices", "right_pad", "truncate_after_stop", "full_state_dicts", "save_model",
+          "save_checkpoint", "load_weights", "load_training_state",
+          "distribute", "_mean"]
 # Decoder start tokens of the tiny assets, as in the real models: <pad> for T5, EOS for BART.
 DECODER_START = {"t5": 4096, "bart": 0}
 
@@ -304,12 +305,13 @@ def test_ppo_seq2seq_learns_a_dense_reward(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_end_to_end_and_resume_in_one_process(assets, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_end_to_end_and_resume_in_one_process(assets, tmp_path, mode):
     """2 CPU processes (gloo) each take half of the batch; only rank 0 logs and saves; one process resumes."""
     out = tmp_path / "run"
     flags = ["--model", assets / "t5", "--reward-model", assets / "reward", "--dataset", assets / "prompts.jsonl",
              "--output-dir", out, "--batch-size", 8, "--mini-batch-size", 4, "--response-length", 8, "--ppo-epochs", 2]
-    proc = torchrun(ROOT / "ppo_seq2seq.py", *flags, "--total-episodes", 16)
+    proc = torchrun(ROOT / "ppo_seq2seq.py", *flags, "--total-episodes", 16, *(["--fsdp"] if mode == "fsdp" else []))
     assert proc.stdout.count("iter    1 |") == 1  # only rank 0 prints
     assert [m["iteration"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2]
     AutoModelForSeq2SeqLM.from_pretrained(out)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reward
 import sft
-from conftest import run_script
+from conftest import run_script, torchrun
 from utils.assets import read_jsonl, write_jsonl
 from utils.hub import UserError
 
@@ -205,7 +205,8 @@ def test_learning_rate_schedule_hand_computed():
 
 
 def test_shared_helpers_are_identical_in_sft_and_reward():
-    for name in ("exact_div", "batch_indices", "learning_rate_at", "save_checkpoint", "load_checkpoint"):
+    for name in ("exact_div", "batch_indices", "learning_rate_at", "full_state_dicts", "save_checkpoint", "load_weights",
+                 "load_training_state"):
         assert inspect.getsource(getattr(sft, name)) == inspect.getsource(getattr(reward, name)), name
 
 
@@ -319,3 +320,53 @@ def test_sft_drives_held_out_loss_down_on_imdb(assets, tmp_path, one_thread):
     metrics = [json.loads(l) for l in open(sft.main(args))]
     start, end = metrics[0]["eval/loss"], metrics[-1]["eval/loss"]
     assert start > 8.0 and end < start - 1.25, (start, end)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchrun: 2 CPU processes (gloo), DDP and FSDP, against one process with the same global batch
+# ---------------------------------------------------------------------------------------------------------
+NO_DROPOUT = ["--from-scratch", "--config-overrides", "n_layer=2", "n_embd=64", "n_head=4", "resid_pdrop=0",
+              "embd_pdrop=0", "attn_pdrop=0"]  # dropout masks differ per process; without it the runs must agree
+
+
+def distributed_flags(assets, reviews, out, steps):
+    return ["--model", assets / "policy", "--dataset", reviews, "--output-dir", out, "--max-steps", steps,
+            "--batch-size", 8, "--max-seq-length", 64, "--learning-rate", 1e-2, "--eval-fraction", 0.2,
+            "--eval-every", 2, "--save-every", 2, "--seed", 3, *NO_DROPOUT]
+
+
+def losses(out):
+    """Steps logged, and the training and evaluation losses in the order logged."""
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [m["step"] for m in metrics], [m[k] for m in metrics for k in ("losses/loss", "eval/loss") if k in m]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_and_resume_in_one(assets, tmp_path, reviews, mode):
+    """Same global batch of 8 on 1 process and on 2 processes x 4 (DDP with 2 micro-batches each, exercising
+    no_sync; or FSDP): the same loss curve (float32 sums in another order: 1e-4) and the same final weights. Then
+    the 2-process checkpoint resumes in one process."""
+    run_script("sft.py", *distributed_flags(assets, reviews, tmp_path / "one", 4))
+    extra = ["--gradient-accumulation-steps", 2] if mode == "ddp" else ["--fsdp"]
+    proc = torchrun("sft.py", *distributed_flags(assets, reviews, tmp_path / "two", 4), *extra)
+    assert proc.stdout.count("SFT: 4 steps") == 1 and proc.stdout.count("done: model in") == 1  # rank 0 only
+    steps, one = losses(tmp_path / "one")
+    steps2, two = losses(tmp_path / "two")
+    assert steps2 == steps == [0, 1, 2, 3, 4] and len(one) == 4 + 3  # 4 training losses, 3 evaluations
+    assert two == pytest.approx(one, abs=1e-4) and one[-1] < one[0] - 0.1, (one, two)  # and it learned something
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # the checkpoint written by 2 processes resumes in one
+    run_script("sft.py", *distributed_flags(assets, reviews, tmp_path / "two", 6), "--resume")
+    assert losses(tmp_path / "two")[0] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_fsdp_needs_several_processes_and_no_merge(assets, tmp_path, reviews):
+    with pytest.raises(UserError, match="torchrun"):
+        sft.check_args(tiny_args(assets, tmp_path, reviews, fsdp=True))
+    with pytest.raises(UserError, match="--no-merge-lora"):
+        sft.check_args(tiny_args(assets, tmp_path, reviews, fsdp=True, lora_r=4), world_size=2)
+    with pytest.raises(UserError, match="processes"):
+        sft.check_args(tiny_args(assets, tmp_path, reviews, batch_size=6), world_size=4)
