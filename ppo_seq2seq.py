@@ -88,13 +88,16 @@ class Args:
     dataset_split: str = "train"
     """split of --dataset to use"""
     dataset_text_field: str = "text"
-    """column holding the text whose first tokens become the prompt"""
+    """column holding the text whose first tokens become the prompt (a nested field: e.g. prompt.text)"""
     prompt_template: str = "Continue this movie review: {text}"
     """encoder input: {text} is replaced by the text's first tokens (the reward model never sees the template)"""
     prompt_min_tokens: int = 2
     """shortest prompt (tokens); each prompt's length is drawn uniformly in [min, max]"""
     prompt_max_tokens: int = 8
     """longest prompt (tokens)"""
+    prompt_truncation: bool = True
+    """cut each text to its first [min, max] tokens (IMDB-style prompts); --no-prompt-truncation: each whole
+    text is a prompt, texts outside [min, max] tokens are dropped"""
 
     # rollout
     response_length: int = 24
@@ -444,9 +447,13 @@ def score_with_model(reward_model, reward_tokenizer, texts, label_index: int, ba
 # ---------------------------------------------------------------------------------------------------------
 # Data and rollout
 # ---------------------------------------------------------------------------------------------------------
-def build_prompts(dataset, tokenizer, text_field: str, min_tokens: int, max_tokens: int, seed: int):
-    """Tokenize each text and keep its first L tokens, L ~ U[min, max] drawn with a fixed generator.
-    Texts shorter than min_tokens are dropped. Returns a list of 1-D LongTensors."""
+def build_prompts(dataset, tokenizer, text_field: str, min_tokens: int, max_tokens: int, seed: int,
+                  truncate: bool = True):
+    """Tokenize each text and keep its first L tokens, L ~ U[min, max] drawn with a fixed generator (truncate),
+    or the whole text (not truncate). Texts shorter than min_tokens (or, whole, longer than max_tokens) are
+    dropped. A nested field is named with dots (prompt.text). Returns a list of 1-D LongTensors."""
+    if text_field not in dataset.column_names and "." in text_field:
+        dataset = dataset.flatten()  # struct columns become "prompt.text", ...
     if text_field not in dataset.column_names:
         raise UserError(f"--dataset has no column {text_field!r}; its columns are {dataset.column_names} "
                         "(set --dataset-text-field)")
@@ -456,7 +463,9 @@ def build_prompts(dataset, tokenizer, text_field: str, min_tokens: int, max_toke
     lengths = torch.randint(min_tokens, max_tokens + 1, (len(dataset),), generator=generator).tolist()
     texts = [t if isinstance(t, str) else "" for t in dataset[text_field]]
     token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    prompts = [torch.tensor(ids[:n]) for ids, n in zip(token_ids, lengths) if len(ids) >= min_tokens]
+    if not truncate:
+        lengths = [max_tokens if len(ids) <= max_tokens else -1 for ids in token_ids]  # -1: too long, dropped
+    prompts = [torch.tensor(ids[:n]) for ids, n in zip(token_ids, lengths) if len(ids) >= min_tokens and n >= 0]
     if not prompts:
         raise UserError(f"no text in --dataset column {text_field!r} has at least {min_tokens} tokens")
     return prompts
@@ -841,7 +850,7 @@ def main(args: Args):
     # encoder inputs made from them with the template, and sampling
     dataset = load_dataset(args.dataset, args.dataset_split)
     prompts = build_prompts(dataset, tokenizer, args.dataset_text_field, args.prompt_min_tokens,
-                            args.prompt_max_tokens, args.seed)
+                            args.prompt_max_tokens, args.seed, args.prompt_truncation)
     all_prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     all_queries = apply_template(all_prompt_texts, tokenizer, args.prompt_template)
     gen_config, stop_id = make_generation_config(args, tokenizer, lm.config.decoder_start_token_id)

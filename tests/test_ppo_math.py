@@ -251,3 +251,24 @@ def test_first_update_is_on_policy(assets):
     assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
     assert stats["charts/response_length"] == pytest.approx(2.5)
     assert kl_ctl.value < 0.2  # KL 0 below target 6: beta shrinks
+
+
+def test_build_prompts_truncated_whole_and_nested(assets):
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    texts = ["one two three four five six seven eight nine ten eleven twelve", "short", "a b c d"]
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    ds = datasets.Dataset.from_dict({"text": texts})
+    cut = ppo.build_prompts(ds, tokenizer, "text", 2, 3, seed=0)
+    kept = [t for t, n in zip(texts, lengths) if n >= 2]  # shorter than min_tokens: dropped
+    assert len(cut) == len(kept) and all(2 <= len(p) <= 3 for p in cut)
+    assert all(tokenizer.decode(p) == tokenizer.decode(tokenizer(t)["input_ids"][: len(p)]) for p, t in zip(cut, kept))
+    # whole texts: those within [min, max] tokens are kept entire, longer ones dropped
+    whole = ppo.build_prompts(ds, tokenizer, "text", 2, lengths[2], seed=0, truncate=False)
+    expected = [t for t, n in zip(texts, lengths) if 2 <= n <= lengths[2]]
+    assert [tokenizer.decode(p) for p in whole] == [tokenizer.decode(tokenizer(t)["input_ids"]) for t in expected]
+    # a nested field (real-toxicity-prompts: {"prompt": {"text": ...}})
+    nested = datasets.Dataset.from_list([{"prompt": {"text": t, "toxicity": 0.5}} for t in texts])
+    assert [p.tolist() for p in ppo.build_prompts(nested, tokenizer, "prompt.text", 2, 3, 0)] == [p.tolist() for p in cut]

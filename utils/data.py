@@ -9,6 +9,12 @@
   model, the preference behind the classic gpt2-sentiment RLHF example);
 - chats {"messages"}: a user asks for a positive or negative review, the assistant answers with a real one.
 Reviews are drawn without replacement with a fixed seed, so the files are the same on every machine.
+
+    python -m utils.data --stack-exchange lvwerra/stack-exchange-paired --max-examples 100000 --out data/stack
+
+converts the Stack-Llama data (columns question, response_j = the better answer, response_k) into the three files
+of its SFT -> reward -> PPO chain (see README, Recipes): sft.jsonl {"prompt", "completion"}, prefs.jsonl
+{"prompt", "chosen", "rejected"} and prompts.jsonl {"text"}, with the prompt "Question: ...\n\nAnswer: ".
 """
 
 import random
@@ -45,6 +51,26 @@ def review_chats(reviews, n: int, seed: int = 0) -> list[dict]:
     return chats
 
 
+def stack_exchange(dataset: str, out, split: str = "train", max_examples: Optional[int] = None) -> Path:
+    """Write sft.jsonl, prefs.jsonl and prompts.jsonl (one prompt per question) from a stack-exchange-paired
+    style dataset (hub id or local file) into `out`."""
+    from utils.hub import UserError, load_dataset
+
+    ds = load_dataset(dataset, split)
+    missing = [c for c in ("question", "response_j", "response_k") if c not in ds.column_names]
+    if missing:
+        raise UserError(f"--stack-exchange {dataset!r} needs the columns question, response_j (the better answer) "
+                        f"and response_k; missing {missing}, found {ds.column_names}")
+    if max_examples is not None:
+        ds = ds.select(range(min(max_examples, len(ds))))
+    rows = [(f"Question: {r['question']}\n\nAnswer: ", r["response_j"], r["response_k"]) for r in ds.to_list()]
+    out = Path(out)
+    write_jsonl(out / "sft.jsonl", [{"prompt": p, "completion": j} for p, j, _ in rows])
+    write_jsonl(out / "prefs.jsonl", [{"prompt": p, "chosen": j, "rejected": k} for p, j, k in rows])
+    write_jsonl(out / "prompts.jsonl", [{"text": p} for p in dict.fromkeys(p for p, _, _ in rows)])
+    return out
+
+
 def build(out="data", assets=DEFAULT_DIR, n_train: int = 1000, n_test: int = 140, seed: int = 0) -> Path:
     """Write the preference and chat files into `out`; the test files come from the held-out IMDB split.
     Preference pairs use reviews of at most 100 words (~90 MiniLM tokens), so --max-seq-length 128 sees them whole."""
@@ -60,11 +86,21 @@ def build(out="data", assets=DEFAULT_DIR, n_train: int = 1000, n_test: int = 140
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write offline preference pairs and chats made from IMDB reviews.")
+    from utils.hub import UserError
+
+    parser = argparse.ArgumentParser(description="Write offline preference pairs and chats made from IMDB reviews, "
+                                                 "or convert Stack-Llama data (--stack-exchange).")
     parser.add_argument("--out", default="data", help="folder to write into (default: ./data)")
     parser.add_argument("--n-train", type=int, default=1000, help="pairs / chats in each training file")
     parser.add_argument("--n-test", type=int, default=140, help="pairs / chats in each test file")
+    parser.add_argument("--stack-exchange", default=None, help="convert this stack-exchange-paired dataset instead")
+    parser.add_argument("--split", default="train", help="split of --stack-exchange")
+    parser.add_argument("--max-examples", type=int, default=None, help="first this many rows of --stack-exchange")
     a = parser.parse_args()
-    path = build(a.out, n_train=a.n_train, n_test=a.n_test)
+    try:
+        path = stack_exchange(a.stack_exchange, a.out, a.split, a.max_examples) if a.stack_exchange \
+            else build(a.out, n_train=a.n_train, n_test=a.n_test)
+    except UserError as err:
+        raise SystemExit(f"error: {err}")
     for p in sorted(path.glob("*.jsonl")):
         print(f"  {p}")
