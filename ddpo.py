@@ -12,6 +12,10 @@ PPO update, checkpoints, and the loop in `main`.
     python ddpo.py --model tiny/sd --num-epochs 10 --num-steps 5 --guidance-scale 1 --sample-batch-size 32 \
         --num-batches-per-epoch 1 --train-batch-size 32 --gradient-accumulation-steps 1 --lora-r 0 \
         --learning-rate 1e-3    # offline, ~3 s/epoch on one CPU thread: the reward visibly rises
+    torchrun --nproc_per_node 8 ddpo.py --sample-batch-size 64 --train-batch-size 32 ...  # DDP: batch sizes are global
+
+Under torchrun each process samples its share of every batch and trains a DDP copy of the UNet (or its LoRA); the
+advantages are computed from all processes' rewards, metrics are averaged, and only the first process logs and saves.
 
 On a busy CPU, OMP_NUM_THREADS=1 is often much faster for the tiny pipeline (threads wait on each other).
 """
@@ -21,10 +25,12 @@ import math
 import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import tyro
@@ -32,8 +38,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.hub import UserError, from_pretrained, go_offline_if_unreachable, quiet_libraries
-from utils.runtime import Tracker, atomic_dir, autocast, call_reward_fn, complete_checkpoint, load_function, \
-    peak_memory_mb, pick_device
+from utils.runtime import Tracker, all_gather, atomic_dir, autocast, call_reward_fn, complete_checkpoint, distributed, \
+    init_distributed, load_function, mean_over_processes, peak_memory_mb
 
 
 @dataclass
@@ -54,7 +60,8 @@ class Args:
     wandb_project: str = "rlhf-ddpo"
     """wandb project name"""
     device: str = "auto"
-    """cpu, cuda, cuda:1, ... ('auto': cuda if available; bf16 autocast on CUDA)"""
+    """cpu, cuda, cuda:1, ... ('auto': cuda if available; bf16 autocast on CUDA). Under torchrun: one GPU per
+    process, or 'cpu' for gloo"""
 
     # model
     model: str = "runwayml/stable-diffusion-v1-5"
@@ -87,9 +94,10 @@ class Args:
     guidance_scale: float = 5.0
     """classifier-free guidance weight, in sampling and training (1: no guidance)"""
     sample_batch_size: int = 8
-    """images per sampling forward pass"""
+    """images per sampling forward pass, over all processes (under torchrun each samples sample_batch_size / world)"""
     num_batches_per_epoch: int = 4
-    """sampling batches per epoch (the reference ran 8 GPUs with 8 x 4 each: 256 images per epoch)"""
+    """sampling batches per epoch (the reference ran 8 GPUs x 8 images x 4 batches = 256 images per epoch:
+    --sample-batch-size 64 on 8 processes)"""
 
     # advantages
     per_prompt_stat_tracking: bool = True
@@ -103,7 +111,7 @@ class Args:
 
     # PPO
     train_batch_size: int = 4
-    """samples per training forward pass"""
+    """samples per training forward pass, over all processes (under torchrun each trains on train_batch_size / world)"""
     gradient_accumulation_steps: int = 2
     """train batches per optimizer step (each also accumulates over its trained timesteps)"""
     ppo_epochs: int = 1
@@ -120,8 +128,16 @@ class Args:
     """fraction of each sample's stochastic steps to train on (a random subset per sample)"""
 
     # computed at runtime from the above (not flags)
+    world_size: tyro.conf.Suppress[int] = 1
+    """number of processes (torchrun's WORLD_SIZE)"""
     samples_per_epoch: tyro.conf.Suppress[int] = 0
-    """sample_batch_size * num_batches_per_epoch"""
+    """images per epoch over all processes = sample_batch_size * num_batches_per_epoch"""
+    local_sample_batch_size: tyro.conf.Suppress[int] = 0
+    """images per sampling forward pass on this process = sample_batch_size / world_size"""
+    local_samples_per_epoch: tyro.conf.Suppress[int] = 0
+    """images per epoch on this process = samples_per_epoch / world_size"""
+    local_train_batch_size: tyro.conf.Suppress[int] = 0
+    """samples per training forward pass on this process = train_batch_size / world_size"""
     num_train_timesteps: tyro.conf.Suppress[int] = 0
     """int(timestep_fraction * stochastic steps), filled once the scheduler is loaded"""
 
@@ -132,8 +148,8 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
-def check_args(args: Args) -> Args:
-    """Fail loudly on inconsistent settings and fill the derived sizes."""
+def check_args(args: Args, world_size: int = 1) -> Args:
+    """Fail loudly on inconsistent settings and fill the derived sizes (per process for `world_size` processes)."""
     if not 0 < args.eta <= 1:
         raise UserError(f"--eta {args.eta}: DDPO needs stochastic DDIM steps, 0 < eta <= 1 (eta = 0 makes every step "
                         "deterministic: sigma = 0, log sigma = -inf, nothing to compute a policy ratio on)")
@@ -141,6 +157,13 @@ def check_args(args: Args) -> Args:
     train_batches = exact_div(args.samples_per_epoch, args.train_batch_size,
                               "--sample-batch-size x --num-batches-per-epoch / --train-batch-size")
     exact_div(train_batches, args.gradient_accumulation_steps, "train batches / --gradient-accumulation-steps")
+    # The batch sizes count over all processes, so a run means the same thing on any number of them
+    args.world_size = world_size
+    args.local_sample_batch_size = exact_div(args.sample_batch_size, world_size,
+                                             "--sample-batch-size (over all processes) / number of processes")
+    args.local_train_batch_size = exact_div(args.train_batch_size, world_size,
+                                            "--train-batch-size (over all processes) / number of processes")
+    args.local_samples_per_epoch = args.local_sample_batch_size * args.num_batches_per_epoch
     if not 0 < args.timestep_fraction <= 1:
         raise UserError("--timestep-fraction must be in (0, 1]")
     if args.stat_min_count > args.stat_buffer_size:
@@ -173,7 +196,8 @@ def ddim_std(alpha_prod_t, alpha_prod_prev, eta: float):
     return eta * ((1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)) ** 0.5
 
 
-def ddim_step_with_logprob(scheduler, model_output, timesteps, sample, eta: float, prev_sample=None, generator=None):
+def ddim_step_with_logprob(scheduler, model_output, timesteps, sample, eta: float, prev_sample=None,
+                           generators=None):
     """One DDIM step x_t -> x_{t-1} and log p_θ(x_{t-1} | x_t), the policy's log-probability of that action.
 
     With ε = ε_θ(x_t, t) (Song et al. 2021, eq. 12):
@@ -187,7 +211,8 @@ def ddim_step_with_logprob(scheduler, model_output, timesteps, sample, eta: floa
     set_alpha_to_one=True) is deterministic, not an action: its log-prob is reported as 0 and never trained on.
 
     model_output, sample, prev_sample: [batch, C, h, w]; timesteps: [batch] (may differ per sample).
-    prev_sample given: only score it; else draw it with `generator` (CPU). Returns x_{t-1} and log_prob [batch].
+    prev_sample given: only score it; else draw it with `generators`, one CPU torch.Generator per sample.
+    Returns x_{t-1} and log_prob [batch].
     """
     alpha_prod_t, alpha_prod_prev = (a.view(-1, 1, 1, 1) for a in ddim_alphas(scheduler, timesteps))
     if scheduler.config.prediction_type == "epsilon":
@@ -202,13 +227,19 @@ def ddim_step_with_logprob(scheduler, model_output, timesteps, sample, eta: floa
     std = ddim_std(alpha_prod_t, alpha_prod_prev, eta)  # [batch, 1, 1, 1]
     mean = alpha_prod_prev**0.5 * pred_x0 + (1 - alpha_prod_prev - std**2) ** 0.5 * eps  # μ_t: [batch, C, h, w]
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype).to(sample.device)
+        noise = randn(sample.shape, generators).to(sample.device, sample.dtype)
         prev_sample = mean + std * noise
     safe_std = torch.where(std > 0, std, torch.ones_like(std))  # no 0/0 (and NaN gradients) on deterministic steps
     log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std)
                 - math.log(math.sqrt(2 * math.pi)))
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))  # [batch]
     return prev_sample, torch.where(std.flatten() > 0, log_prob, torch.zeros_like(log_prob))
+
+
+def randn(shape, generators) -> torch.Tensor:
+    """Standard normal noise [batch, ...] on the CPU, row i from generators[i]: a sample's noise does not depend on
+    the samples beside it in the batch (or on other processes)."""
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
 
 
 def predict_noise(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale: float):
@@ -362,20 +393,30 @@ def encode_prompts(pipe, prompts: list[str], device):
     return pipe.text_encoder(ids.to(device)).last_hidden_state
 
 
+def make_generator(seed: int, epoch: int, use: str, index: int = 0) -> torch.Generator:
+    """A CPU generator for one use in one epoch: "prompts" (the epoch's prompts), "noise" (of the epoch's image
+    number `index`) or "shuffle" (training order on process `index`), seeded from (seed, epoch, use, index) through
+    numpy's SeedSequence, which makes distinct keys independent streams. Nothing to save for --resume, and the
+    images of a seed do not depend on the number of processes or how the batches are split between them."""
+    keys = [seed, epoch, ("prompts", "noise", "shuffle").index(use), index]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0]))
+
+
 @torch.no_grad()
-def sample_trajectories(pipe, scheduler, prompt_embeds, negative_embeds, n: int, args: Args, generator, device):
-    """Run the stochastic DDIM chain from x_T ~ N(0, I), recording every latent and every step's log-prob.
-    Returns latents [n, num_steps + 1, C, h, w] (x_T ... x_0), log_probs [n, num_steps], images [n, 3, H, W]
-    in [0, 1]. All noise is drawn on the CPU from `generator`: a seed gives the same images on any device."""
-    unet, size = pipe.unet, pipe.unet.config.sample_size
+def sample_trajectories(pipe, scheduler, prompt_embeds, negative_embeds, args: Args, generators, device):
+    """Run the stochastic DDIM chain from x_T ~ N(0, I), recording every latent and every step's log-prob, for
+    n = len(generators) images. Returns latents [n, num_steps + 1, C, h, w] (x_T ... x_0), log_probs [n, num_steps],
+    images [n, 3, H, W] in [0, 1]. All of image i's noise is drawn on the CPU from generators[i]: a seed gives the
+    same images on any device and in any batch."""
+    unet, size, n = pipe.unet, pipe.unet.config.sample_size, len(generators)
     shape = (n, unet.config.in_channels, *(size if isinstance(size, (list, tuple)) else (size, size)))
-    x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma  # x_T: [n, C, h, w]
+    x = randn(shape, generators).to(device) * scheduler.init_noise_sigma  # x_T: [n, C, h, w]
     latents, log_probs = [x], []
     for t in scheduler.timesteps:
         timesteps = t.repeat(n).to(device)  # [n]
         with autocast(device):
             noise_pred = predict_noise(unet, x, timesteps, prompt_embeds, negative_embeds, args.guidance_scale)
-        x, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, x, args.eta, generator=generator)
+        x, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, x, args.eta, generators=generators)
         latents.append(x), log_probs.append(log_prob)
     with autocast(device):
         images = decode(pipe, x)
@@ -405,36 +446,45 @@ def save_grid(images: list[Image.Image], path: Path, columns: int = 4):
 # ---------------------------------------------------------------------------------------------------------
 # Training: PPO-clip over the recorded trajectories
 # ---------------------------------------------------------------------------------------------------------
-def train_on_samples(args: Args, pipe, scheduler, optimizer, params, ema_params, samples, negative_embeds,
+def train_on_samples(args: Args, unet, scheduler, optimizer, params, ema_params, samples, negative_embeds,
                      trainable_steps, generator, device) -> dict:
     """--ppo-epochs passes over one epoch's samples (DDPO_IS with clipping). Each pass shuffles the samples and,
     independently per sample, picks num_train_timesteps of its stochastic steps in random order. The optimizer
     steps once per --gradient-accumulation-steps train batches, gradients summed over all their timesteps.
-    samples: latents [n, steps + 1, C, h, w], log_probs [n, steps], advantages [n], prompt_embeds [n, tokens, dim]."""
+    Under torchrun `unet` is wrapped in DistributedDataParallel and each process passes its own share:
+    samples: latents [n, steps + 1, C, h, w], log_probs [n, steps], advantages [n], prompt_embeds [n, tokens, dim].
+    Returns the losses' statistics averaged over the processes."""
     n, stats = len(samples["advantages"]), defaultdict(list)
-    accumulation = args.gradient_accumulation_steps * args.num_train_timesteps
+    accumulation = args.gradient_accumulation_steps * args.num_train_timesteps  # backward passes per optimizer step
     embeds = samples.get("prompt_embeds")
+    ddp = isinstance(unet, nn.parallel.DistributedDataParallel)
     for _ in range(args.ppo_epochs):
         order = torch.randperm(n, generator=generator)
         step_choice = torch.stack([trainable_steps[torch.randperm(len(trainable_steps), generator=generator)]
                                    for _ in range(n)])[:, :args.num_train_timesteps]  # [n, num_train_timesteps]
-        for b, start in enumerate(range(0, n, args.train_batch_size)):
-            idx = order[start : start + args.train_batch_size]  # [train_batch] (CPU indices work on any device)
+        for b, start in enumerate(range(0, n, args.local_train_batch_size)):
+            idx = order[start : start + args.local_train_batch_size]  # [micro_batch] (CPU indices work on any device)
             advantages = samples["advantages"][idx].clamp(-args.adv_clip_max, args.adv_clip_max)
             for j in range(args.num_train_timesteps):
-                step = step_choice[idx, j]  # [train_batch]: which step of each sample's chain
-                x_t, x_prev = samples["latents"][idx, step], samples["latents"][idx, step + 1]  # [train_batch, C, h, w]
-                timesteps = scheduler.timesteps[step].to(device)  # [train_batch]
-                with autocast(device):
-                    noise_pred = predict_noise(pipe.unet, x_t, timesteps, None if embeds is None else embeds[idx],
-                                               negative_embeds, args.guidance_scale)
-                _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, x_t, args.eta,
-                                                     prev_sample=x_prev)  # [train_batch]
-                loss, clipfrac, ratio_mean, approx_kl = policy_loss(
-                    log_prob, samples["log_probs"][idx, step], advantages, args.cliprange)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite PPO loss (ratio mean {ratio_mean.item()}): lower --learning-rate")
-                (loss / accumulation).backward()
+                step = step_choice[idx, j]  # [micro_batch]: which step of each sample's chain
+                x_t, x_prev = samples["latents"][idx, step], samples["latents"][idx, step + 1]  # [micro_batch, C, h, w]
+                timesteps = scheduler.timesteps[step].to(device)  # [micro_batch]
+                # DDP averages the gradients over the processes in the optimizer step's last backward pass only;
+                # as every process has the same number of samples, the mean of their mean losses is the
+                # single-process loss, and the clipping and the step below see the same gradient everywhere
+                last = (b + 1) % args.gradient_accumulation_steps == 0 and j == args.num_train_timesteps - 1
+                with unet.no_sync() if ddp and not last else nullcontext():
+                    with autocast(device):
+                        noise_pred = predict_noise(unet, x_t, timesteps, None if embeds is None else embeds[idx],
+                                                   negative_embeds, args.guidance_scale)
+                    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, x_t, args.eta,
+                                                         prev_sample=x_prev)  # [micro_batch]
+                    loss, clipfrac, ratio_mean, approx_kl = policy_loss(
+                        log_prob, samples["log_probs"][idx, step], advantages, args.cliprange)
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"non-finite PPO loss (ratio mean {ratio_mean.item()}): lower "
+                                           "--learning-rate")
+                    (loss / accumulation).backward()
                 for key, value in (("policy_loss", loss), ("clipfrac", clipfrac), ("ratio_mean", ratio_mean),
                                    ("approx_kl", approx_kl)):
                     stats[key].append(value.item())
@@ -445,7 +495,7 @@ def train_on_samples(args: Args, pipe, scheduler, optimizer, params, ema_params,
                 if ema_params is not None:
                     for ema, p in zip(ema_params, params):
                         ema.lerp_(p.detach(), 1 - args.ema_decay)
-    return {f"losses/{k}": sum(v) / len(v) for k, v in stats.items()}
+    return mean_over_processes({f"losses/{k}": sum(v) / len(v) for k, v in stats.items()}, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -468,17 +518,18 @@ def save_weights(pipe, path: Path, lora: bool):
         pipe.unet.save_pretrained(path / "unet")
 
 
-def save_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params, epoch, generator):
+def save_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params, epoch):
     """Weights + training state, written to a temporary folder and swapped in (atomic_dir): a crash mid-save
-    never leaves a half checkpoint."""
+    never leaves a half checkpoint. No RNG state: every epoch seeds its own generators (make_generator), and all
+    of this is the same on every process, so the checkpoint resumes on any number of processes."""
     with atomic_dir(path) as tmp:
         save_weights(pipe, tmp, lora)
-        torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                    "generator": generator.get_state(), "stat_buffers": stat_tracker.buffers if stat_tracker else None,
-                    "ema": ema_params}, tmp / "training_state.pt")
+        torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(),
+                    "stat_buffers": stat_tracker.buffers if stat_tracker else None, "ema": ema_params},
+                   tmp / "training_state.pt")
 
 
-def load_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params, generator) -> int:
+def load_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params) -> int:
     """Restore what save_checkpoint wrote; returns the number of epochs done."""
     if lora:
         from diffusers.utils import convert_unet_state_dict_to_peft
@@ -492,8 +543,6 @@ def load_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params,
         pipe.unet.load_state_dict(type(pipe.unet).from_pretrained(path / "unet").state_dict())
     state = torch.load(path / "training_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    generator.set_state(state["generator"])
     if stat_tracker is not None:
         stat_tracker.buffers = state["stat_buffers"]
     if ema_params is not None:
@@ -506,7 +555,9 @@ def load_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params,
 # Training loop
 # ---------------------------------------------------------------------------------------------------------
 def main(args: Args):
-    args = check_args(args)
+    device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
+    args = check_args(args, world_size)
+    is_main = rank == 0  # only the first process logs, tracks and saves
     quiet_libraries()
     import diffusers
     from diffusers import DDIMScheduler, DiffusionPipeline
@@ -514,11 +565,9 @@ def main(args: Args):
     diffusers.utils.logging.disable_progress_bar()
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
-    if args.resume and resume_from is None:
+    if args.resume and resume_from is None and is_main:
         print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)  # prompts, sampler noise, shuffling (CPU: same on any device)
+    torch.manual_seed(args.seed)  # LoRA's initial weights (the same on every process; DDP also broadcasts rank 0's)
 
     # Reward and prompts first: bad input fails before the (large) pipeline loads
     reward_fn = load_reward_fn(args, device)
@@ -571,69 +620,86 @@ def main(args: Args):
     negative_embeds = encode_prompts(pipe, [""], device)  # the empty prompt: CFG's unconditional branch
     start_epoch = 0
     if resume_from is not None:
-        start_epoch = load_checkpoint(resume_from, pipe, args.lora_r > 0, optimizer, stat_tracker, ema_params,
-                                      generator)
-        print(f"resumed from {resume_from} after epoch {start_epoch}")
+        start_epoch = load_checkpoint(resume_from, pipe, args.lora_r > 0, optimizer, stat_tracker, ema_params)
+        if is_main:
+            print(f"resumed from {resume_from} after epoch {start_epoch}")
+    ddp_unet = pipe.unet  # under torchrun: gradients all-reduced (averaged) by DDP in the backward pass
+    if world_size > 1:
+        ddp_unet = nn.parallel.DistributedDataParallel(pipe.unet,
+                                                       device_ids=[device.index] if device.type == "cuda" else None)
 
     # Outputs: args.json + metrics.jsonl (+ wandb with --track), a grid of samples per epoch
-    tracker = Tracker(out_dir, args, start_epoch, args.track, args.wandb_project, step_key="epoch")
-    (out_dir / "samples").mkdir(exist_ok=True)
-    print(f"DDPO: {args.num_epochs} epochs x {args.samples_per_epoch} images ({args.num_steps} DDIM steps, eta "
-          f"{args.eta}, guidance {args.guidance_scale}) on {device}; training {args.num_train_timesteps} of "
-          f"{len(trainable_steps)} stochastic steps per image; "
-          f"{'LoRA r=%d' % args.lora_r if args.lora_r else 'full UNet'} ({sum(p.numel() for p in params):,} trained "
-          f"parameters); {len(prompts)} prompts; outputs in {out_dir}")
+    if is_main:
+        tracker = Tracker(out_dir, args, start_epoch, args.track, args.wandb_project, step_key="epoch")
+        (out_dir / "samples").mkdir(exist_ok=True)
+        print(f"DDPO: {args.num_epochs} epochs x {args.samples_per_epoch} images ({args.num_steps} DDIM steps, eta "
+              f"{args.eta}, guidance {args.guidance_scale}) on {world_size} x {device}; training "
+              f"{args.num_train_timesteps} of {len(trainable_steps)} stochastic steps per image; "
+              f"{'LoRA r=%d' % args.lora_r if args.lora_r else 'full UNet'} ({sum(p.numel() for p in params):,} "
+              f"trained parameters); {len(prompts)} prompts; outputs in {out_dir}")
 
     for epoch in (bar := tqdm(range(start_epoch, args.num_epochs), desc="ddpo", initial=start_epoch,
-                              total=args.num_epochs, dynamic_ncols=True)):
-        # 1. Sample trajectories with the current policy and score the final images
+                              total=args.num_epochs, dynamic_ncols=True, disable=not is_main)):
+        # 1. Sample trajectories with the current policy and score the final images. The epoch's prompts are drawn
+        # for all processes at once and each takes its share; each image's noise has its own generator (keyed by
+        # the image's number in the epoch), so a seed gives the same images on any number of processes.
         start = time.perf_counter()
-        samples, epoch_prompts, images = defaultdict(list), [], []
-        for _ in range(args.num_batches_per_epoch):
-            picks = torch.randint(len(prompts), (args.sample_batch_size,), generator=generator)  # with replacement
-            batch_prompts = [prompts[i] for i in picks]
+        picks = torch.randint(len(prompts), (args.samples_per_epoch,),
+                              generator=make_generator(args.seed, epoch, "prompts"))  # with replacement
+        epoch_prompts = [prompts[i] for i in picks]  # all processes' prompts, in the order all_gather concatenates
+        first = rank * args.local_samples_per_epoch  # this process's share: images first ... first + local - 1
+        samples, local_rewards, images = defaultdict(list), [], []
+        for start_index in range(first, first + args.local_samples_per_epoch, args.local_sample_batch_size):
+            indices = range(start_index, start_index + args.local_sample_batch_size)
+            batch_prompts = [epoch_prompts[i] for i in indices]
             prompt_embeds = encode_prompts(pipe, batch_prompts, device)  # [batch, tokens, dim] or None
-            latents, log_probs, batch_images = sample_trajectories(pipe, scheduler, prompt_embeds, negative_embeds,
-                                                                   args.sample_batch_size, args, generator, device)
+            latents, log_probs, batch_images = sample_trajectories(
+                pipe, scheduler, prompt_embeds, negative_embeds, args,
+                [make_generator(args.seed, epoch, "noise", i) for i in indices], device)
             batch_images = to_pil(batch_images)
-            samples["rewards"].append(call_reward_fn(reward_fn, len(batch_images), f"epoch {epoch + 1}",
-                                                     batch_images, batch_prompts))
+            local_rewards.append(call_reward_fn(reward_fn, len(batch_images), f"epoch {epoch + 1}", batch_images,
+                                                batch_prompts))
             samples["latents"].append(latents), samples["log_probs"].append(log_probs)
             if prompt_embeds is not None:
                 samples["prompt_embeds"].append(prompt_embeds)
-            epoch_prompts += batch_prompts
             images += batch_images
-        samples = {k: torch.cat(v) for k, v in samples.items()}  # leading dim: samples_per_epoch
+        samples = {k: torch.cat(v) for k, v in samples.items()}  # leading dim: local_samples_per_epoch
         sample_time = time.perf_counter() - start
 
-        # 2. Advantages: rewards standardised per prompt (or over the epoch), clipped in the loss
-        rewards = samples["rewards"]  # [samples_per_epoch]
+        # 2. Advantages: rewards standardised per prompt (or over the epoch), clipped in the loss. Every process
+        # computes them from all processes' rewards, so the statistics (and the stat buffers a checkpoint saves)
+        # are the single-process ones, the same everywhere; each keeps the advantages of its own share.
+        rewards = all_gather(torch.cat(local_rewards).to(device)).cpu()  # [samples_per_epoch], as epoch_prompts
         if stat_tracker is not None:
             advantages = stat_tracker.update(epoch_prompts, rewards)
         else:
             advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-8)
-        samples["advantages"] = advantages.to(device)
+        samples["advantages"] = advantages[first : first + args.local_samples_per_epoch].to(device)
 
-        # 3. PPO updates on the recorded steps
+        # 3. PPO updates on the recorded steps (each process shuffles its own share)
         train_start = time.perf_counter()
-        stats = train_on_samples(args, pipe, scheduler, optimizer, params, ema_params, samples, negative_embeds,
-                                 trainable_steps, generator, device)
+        stats = train_on_samples(args, ddp_unet, scheduler, optimizer, params, ema_params, samples, negative_embeds,
+                                 trainable_steps, make_generator(args.seed, epoch, "shuffle", rank), device)
         train_time = time.perf_counter() - train_start
 
         # 4. Logging, sample grid, checkpoint
         epoch_time = time.perf_counter() - start
-        stats.update({
-            "epoch": epoch + 1, "samples": (epoch + 1) * args.samples_per_epoch,
-            "objective/scores": rewards.mean().item(), "objective/scores_std": rewards.std(unbiased=False).item(),
+        stats.update({"epoch": epoch + 1, "samples": (epoch + 1) * args.samples_per_epoch,
+                      "objective/scores": rewards.mean().item(),
+                      "objective/scores_std": rewards.std(unbiased=False).item()})
+        stats.update(mean_over_processes({
             "perf/sample_s": sample_time, "perf/train_s": train_time, "perf/epoch_s": epoch_time,
-            "perf/samples_per_s": args.samples_per_epoch / epoch_time, "perf/peak_memory_mb": peak_memory_mb(device),
-        })
-        save_grid(images[:16], out_dir / "samples" / f"epoch_{epoch + 1:04d}.png")
+            "perf/samples_per_s": args.samples_per_epoch / epoch_time,
+            "perf/peak_memory_mb": peak_memory_mb(device),  # per process
+        }, device))
+        if not is_main:
+            continue
+        save_grid(images[:16], out_dir / "samples" / f"epoch_{epoch + 1:04d}.png")  # the first process's images
         media = {}
         if args.track:
             import wandb
 
-            media["images"] = [wandb.Image(image, caption=f"{prompt:.25} | {reward:.2f}")
+            media["images"] = [wandb.Image(image, caption=f"{prompt:.25} | {reward:.2f}")  # (its share comes first)
                                for image, prompt, reward in zip(images[:16], epoch_prompts, rewards.tolist())]
         tracker.log(stats, **media)
         bar.write(f"epoch {epoch + 1:>4} | reward {stats['objective/scores']:+.3f} "
@@ -641,8 +707,13 @@ def main(args: Args):
                   f"| pg {stats['losses/policy_loss']:+.1e} | kl {stats['losses/approx_kl']:.2e} "
                   f"| clipfrac {stats['losses/clipfrac']:.2f} | sample {sample_time:.1f}s train {train_time:.1f}s")
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
-            save_checkpoint(ckpt_dir, pipe, args.lora_r > 0, optimizer, stat_tracker, ema_params, epoch + 1, generator)
+            save_checkpoint(ckpt_dir, pipe, args.lora_r > 0, optimizer, stat_tracker, ema_params, epoch + 1)
 
+    if distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not is_main:
+        return None
     # Final model in the output folder (the EMA weights when --ema-decay is set)
     if ema_params is not None:
         for p, ema in zip(params, ema_params):
