@@ -350,9 +350,10 @@ def lm_loss(logits, labels):
     """Summed next-token negative log-likelihood over target tokens, and the number of targets.
     logits [batch, len, vocab], labels [batch, len] (-100: no loss). Summing (not averaging) per micro-batch lets
     the caller divide by the targets of the whole optimizer step, so accumulation does not reweight tokens."""
-    logits = logits[:, :-1].float()  # position t predicts token t+1; shape: [batch, len - 1, vocab]
-    targets = labels[:, 1:]  # shape: [batch, len - 1]
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    # position t predicts token t+1: shift the labels, not the logits (slicing the logits would copy them, the
+    # largest activation of a small model); the last position gets no target. shape: [batch, len]
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
     return nll, (targets != -100).sum()
 
 
