@@ -613,7 +613,7 @@ def main(args: Args):
     pipe.unet.eval()
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                                  eps=1e-8)
+                                  eps=1e-8, fused=True)  # one kernel for all tensors (CPU and CUDA)
     ema_params = [p.detach().clone() for p in params] if args.ema_decay is not None else None
     stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count) \
         if args.per_prompt_stat_tracking else None

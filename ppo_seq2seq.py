@@ -831,7 +831,8 @@ def main(args: Args):
         load_weights(resume_from, policy)
     ones = torch.ones(1, 2, dtype=torch.long, device=device)  # a 2-token query and response
     train_policy = distribute(policy, ref_lm, args, device, (ones, ones, ones, 1.0))  # DDP / FSDP / policy itself
-    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
+                                 fused=True)  # one kernel for all tensors (CPU and CUDA)
 
     # Rewards: a classifier with its own tokenizer and/or Python functions, weighted and added up
     reward_fns = {spec: load_function(spec, "--reward-fn", REWARD_FUNCTIONS) for spec in args.reward_fn}

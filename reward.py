@@ -434,7 +434,7 @@ def main(args: Args):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=args.learning_rate)
+                                  lr=args.learning_rate, fused=True)  # one kernel for all tensors (CPU and CUDA)
     start_step = load_training_state(resume_from, model, optimizer, fsdp=False) if resume_from else 0
     # Under torchrun DDP averages the gradients over the processes in the backward pass (and broadcasts rank 0's
     # weights at the start): each rank's mean loss over its equal share then gives the whole batch's mean gradient.

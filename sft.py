@@ -592,7 +592,7 @@ def main(args: Args):
     params = [p for p in model.parameters() if p.requires_grad]  # (after sharding: the optimizer holds the shards)
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=args.learning_rate)
+                                  lr=args.learning_rate, fused=True)  # one kernel for all tensors (CPU and CUDA)
     start_step = load_training_state(resume_from, unwrapped, optimizer, args.fsdp) if resume_from else 0
     if resume_from and is_main:
         print(f"resumed from {resume_from} after step {start_step}")
