@@ -541,7 +541,7 @@ def load_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params)
             {k.removeprefix("unet."): v for k, v in state.items()}))
     else:
         pipe.unet.load_state_dict(type(pipe.unet).from_pretrained(path / "unet").state_dict())
-    state = torch.load(path / "training_state.pt", weights_only=True)
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     if stat_tracker is not None:
         stat_tracker.buffers = state["stat_buffers"]

@@ -449,7 +449,8 @@ def build_prompts(dataset, tokenizer, text_field: str, min_tokens: int, max_toke
         lengths = [max_tokens if len(ids) <= max_tokens else -1 for ids in token_ids]  # -1: too long, dropped
     prompts = [torch.tensor(ids[:n]) for ids, n in zip(token_ids, lengths) if len(ids) >= min_tokens and n >= 0]
     if not prompts:
-        raise UserError(f"no text in --dataset column {text_field!r} has at least {min_tokens} tokens")
+        raise UserError(f"no text in --dataset column {text_field!r} has at least {min_tokens} tokens"
+                        + ("" if truncate else f" and at most {max_tokens} (--prompt-max-tokens)"))
     return prompts
 
 
@@ -666,7 +667,7 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
         "losses/ratio_mean": _mean(ratios),
         "losses/explained_variance": explained_var,
         "losses/grad_norm": _mean(grad_norms) if grad_norms else float("nan"),
-        "losses/skipped_micro_batches": skipped,
+        "losses/skipped_micro_batches": float(skipped),  # (a float: averaged over processes)
         "losses/epochs": epoch + 1,
         "charts/response_length": response_mask.sum(1).mean().item(),
         "perf/train_tokens_per_s": n_tokens * (epoch + 1) / train_time * args.world_size,
@@ -689,7 +690,7 @@ def full_state_dicts(policy, optimizer, fsdp: bool):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
+    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp, ignore_frozen_params=True)  # LoRA: no base
     weights = get_model_state_dict(policy, options=options) if fsdp else None
     return weights, get_optimizer_state_dict(policy, optimizer, options=options) if optimizer else None
 
@@ -751,7 +752,7 @@ def distribute(policy, ref_lm, args: Args, device, example_inputs: tuple):
         return policy
     if not args.fsdp:
         return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # never edited in place
     for lm in (policy.lm, ref_lm):
@@ -762,10 +763,13 @@ def distribute(policy, ref_lm, args: Args, device, example_inputs: tuple):
         for module in lm.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module)  # one all-gather per block: only one block's full weights exist at a time
-        fully_shard(lm)  # embeddings, final norm, head: the LM is called on its own to generate
+        fully_shard(lm)  # embeddings, final norm, head
+        # generate (of peft's wrapper, or an encoder-decoder's encoder) calls modules outside lm's forward: gather
+        # lm's own weights for the whole call
+        register_fsdp_forward_method(lm, "generate")
+    # The value head is a unit of its own: inside the root (which keeps its weights gathered after forward) its
+    # gradients went unreduced after a no_grad forward followed by a training one (seen with torch 2.13).
     fully_shard(policy.v_head)
-    # The root holds no parameters of its own: FSDP keeps a root's parameters gathered after forward, and we saw a
-    # root's gradients go unreduced after a no_grad forward (rollout) followed by a training one (torch 2.13).
     fully_shard(policy)
     # FSDP takes the first module to run forward as its root: make it the policy, before generation calls the LM
     with torch.no_grad():

@@ -296,7 +296,7 @@ def full_state_dicts(model, optimizer, fsdp: bool):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
+    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp, ignore_frozen_params=True)  # LoRA: no base
     weights = get_model_state_dict(model, options=options) if fsdp else None
     return weights, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
 

@@ -400,7 +400,7 @@ def full_state_dicts(model, optimizer, fsdp: bool):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp)
+    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp, ignore_frozen_params=True)  # LoRA: no base
     weights = get_model_state_dict(model, options=options) if fsdp else None
     return weights, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
 
@@ -653,6 +653,7 @@ def main(args: Args):
         bar.set_postfix(loss=f"{stats['losses/loss']:.3f}")
         if eval_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.num_steps):
             stats.update(evaluate(model, eval_examples, args.micro_batch_size, pad_id, device, rank, world_size))
+        if is_main and "eval/loss" in stats:  # (tqdm's write prints on every process)
             bar.write(f"step {step + 1:>5} | loss {stats['losses/loss']:.4f} | eval loss {stats['eval/loss']:.4f} "
                       f"| ppl {stats['eval/perplexity']:.2f} | lr {lr:.2e} | {stats['perf/tokens_per_s']:.0f} tok/s")
         if is_main:

@@ -27,16 +27,22 @@ def test_two_processes_whiten_and_update_like_one(assets, tmp_path, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-lora"])
 def test_torchrun_end_to_end_and_resume_with_another_world_size(assets, tmp_path, mode):
+    """2 processes (DDP, FSDP, or FSDP with LoRA: generation through peft's wrapper, adapter-only saves), then
+    the checkpoint resumes in one process."""
     out = tmp_path / "run"
     flags = ["--model", assets / "policy", "--reward-model", assets / "reward", "--dataset", assets / "prompts.jsonl",
-             "--output-dir", out, "--batch-size", 8, "--mini-batch-size", 4, "--response-length", 8, "--ppo-epochs", 2]
-    proc = torchrun(ROOT / "ppo.py", *flags, "--total-episodes", 16, *(["--fsdp"] if mode == "fsdp" else []))
+             "--output-dir", out, "--batch-size", 8, "--mini-batch-size", 4, "--response-length", 8, "--ppo-epochs", 2,
+             *(["--lora-r", 4] if mode == "fsdp-lora" else [])]
+    proc = torchrun(ROOT / "ppo.py", *flags, "--total-episodes", 16, *(["--fsdp"] if "fsdp" in mode else []))
     assert proc.stdout.count("iter    1 |") == 1  # only rank 0 prints
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["iteration"] for m in metrics] == [1, 2]
-    AutoModelForCausalLM.from_pretrained(out)
+    if mode == "fsdp-lora":  # the adapter alone (merging needs the unsharded weights)
+        assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    else:
+        AutoModelForCausalLM.from_pretrained(out)
     # resume the 2-process run in one process
     run_script(ROOT / "ppo.py", *flags, "--total-episodes", 24, "--resume")
     assert [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]

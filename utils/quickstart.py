@@ -26,8 +26,8 @@ from utils.assets import read_jsonl, write_jsonl  # noqa: E402
 
 # Stage sizes: (full, fast). The full run is tuned to finish in about the time README states on 2 CPU cores.
 SIZES = {
-    "sft_steps": (400, 100), "reward_pairs": (1000, 400), "reward_steps": (120, 30),
-    "ppo_episodes": (64 * 40, 64 * 16), "eval_prompts": (256, 128),
+    "sft_steps": (400, 100), "reward_pairs": (1000, 400), "reward_steps": (60, 20),
+    "ppo_episodes": (64 * 30, 64 * 14), "eval_prompts": (256, 128),
 }
 
 
@@ -46,14 +46,14 @@ def stage_commands(out: Path, tiny: Path, fast: bool, seed: int) -> dict:
         "reward": [
             "reward.py", "--model", tiny / "minilm", "--dataset", out / "data/prefs_train.jsonl",
             "--eval-dataset", out / "data/prefs_test.jsonl", "--max-seq-length", "128", "--batch-size", "16",
-            "--learning-rate", "5e-5", "--max-steps", size["reward_steps"], "--eval-every", size["reward_steps"],
+            "--learning-rate", "2e-4", "--max-steps", size["reward_steps"], "--eval-every", size["reward_steps"],
             "--seed", seed, "--output-dir", out / "reward",
         ],
         "ppo": [
             "ppo.py", "--model", out / "sft", "--reward-model", out / "reward", "--dataset", tiny / "prompts.jsonl",
             "--total-episodes", size["ppo_episodes"], "--batch-size", "64", "--mini-batch-size", "32",
-            "--learning-rate", "1e-3", "--score-scaling", "normalize", "--response-length", "24", "--kl-coef", "0.1",
-            "--kl-target", "6",
+            "--learning-rate", "5e-4", "--score-scaling", "normalize", "--response-length", "24", "--kl-coef", "0.3",
+            "--kl-target", "6", "--kl-horizon", "128",  # a horizon of 2 iterations: the controller acts in a short run
             "--save-every", "5", "--seed", seed, "--output-dir", out / "ppo",
         ],
     }
