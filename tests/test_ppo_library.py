@@ -46,7 +46,7 @@ def check_library_call_matches_script(module, main_args, model_cls, model_dir, m
     policy.load_state_dict(recorded["before"])
     ref_lm = model_cls.from_pretrained(model_dir).eval()
     args = recorded["args"]
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)  # as the scripts
     kl_ctl = module.KLController(recorded["kl_coef"], args.kl_target, args.kl_horizon)
     generator = torch.Generator()
     generator.set_state(recorded["generator"])
