@@ -52,7 +52,7 @@ def stage_commands(out: Path, tiny: Path, fast: bool, seed: int) -> dict:
         "ppo": [
             "ppo.py", "--model", out / "sft", "--reward-model", out / "reward", "--dataset", tiny / "prompts.jsonl",
             "--total-episodes", size["ppo_episodes"], "--batch-size", "64", "--mini-batch-size", "32",
-            "--learning-rate", "5e-4", "--score-scaling", "normalize", "--response-length", "24", "--kl-coef", "0.3",
+            "--learning-rate", "4e-4", "--score-scaling", "normalize", "--response-length", "24", "--kl-coef", "0.5",
             "--kl-target", "6", "--kl-horizon", "128",  # a horizon of 2 iterations: the controller acts in a short run
             "--save-every", "5", "--seed", seed, "--output-dir", out / "ppo",
         ],
