@@ -42,7 +42,8 @@ from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenc
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
 from utils.runtime import (Tracker, all_gather, atomic_dir, autocast, call_reward_fn, complete_checkpoint,
-                           distributed, init_distributed, load_function, mean_over_processes, peak_memory_mb)
+                           distributed, fuse_gelu, init_distributed, load_function, mean_over_processes,
+                           peak_memory_mb)
 
 
 @dataclass
@@ -815,6 +816,7 @@ def main(args: Args):
         # from comparing ids with pad_token_id, so a real EOS inside a response is never mistaken for padding.
         tokenizer.pad_token = tokenizer.eos_token
     lm = from_pretrained(AutoModelForSeq2SeqLM, args.model, "--model", **remote)
+    fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2, T5 v1.1)
     if lm.config.decoder_start_token_id is None:
         raise UserError(f"--model {args.model!r} has no decoder_start_token_id in its config; set it there")
     if args.lora_r > 0:  # reference = the same model with adapters disabled: no second copy in memory
@@ -841,6 +843,7 @@ def main(args: Args):
     if args.reward_model:
         reward_model = from_pretrained(AutoModelForSequenceClassification, args.reward_model, "--reward-model",
                                        **remote).to(device).eval()
+        fuse_gelu(reward_model)
         reward_tokenizer = from_pretrained(AutoTokenizer, args.reward_model, "--reward-model", **remote)
         if reward_tokenizer.pad_token_id is None:
             reward_tokenizer.pad_token = reward_tokenizer.eos_token

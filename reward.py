@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import (Tracker, atomic_dir, autocast, complete_checkpoint, distributed, init_distributed,
-                           mean_over_processes, peak_memory_mb)
+from utils.runtime import (Tracker, atomic_dir, autocast, complete_checkpoint, distributed, fuse_gelu,
+                           init_distributed, mean_over_processes, peak_memory_mb)
 
 
 @dataclass
@@ -384,6 +384,7 @@ def load_model(args: Args, tokenizer, device, verbose: bool = True):
     # Decoder classifiers (GPT-2, Llama, ...) read the score at the last token that is not config.pad_token_id;
     # left unset or different from the tokenizer's, the score would be read at a pad token or fail for batches.
     model.config.pad_token_id = tokenizer.pad_token_id
+    fuse_gelu(model)  # speed only: the same function as the model's own
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")

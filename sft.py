@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import Tracker, atomic_dir, autocast, complete_checkpoint, distributed, init_distributed, peak_memory_mb
+from utils.runtime import (Tracker, atomic_dir, autocast, complete_checkpoint, distributed, fuse_gelu, init_distributed,
+                           peak_memory_mb)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Args:
     """attention kernel: sdpa, eager, flash_attention_2, ... (None: transformers' choice)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
+    loss_chunk_size: int = 1024
+    """training loss: tokens whose [tokens, vocab] logits exist at a time (0: the whole micro-batch's at once)"""
     fsdp: bool = False
     """under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP) instead of
     keeping a full copy on each (DDP), for models that do not fit one device"""
@@ -357,6 +360,67 @@ def lm_loss(logits, labels):
     return nll, (targets != -100).sum()
 
 
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed NLL of `targets` under logits = hidden @ weight.T, computed `chunk` rows at a time, so only one chunk's
+    [chunk, vocab] logits ever exist (the logits of a whole micro-batch are the largest activation of most LMs).
+    The loss is a sum, so its gradients are known in the forward pass: d nll / d logits = softmax - onehot(target).
+    Computing them there (hidden_grad = g @ W, weight_grad = g.T @ h) costs no second forward through the head;
+    backward only scales them. hidden [n, d], weight [vocab, d], targets [n] (-100: no loss) -> nll []."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[:2]
+        ctx.weight_dtype = weight.dtype
+        hidden_grad = torch.zeros_like(hidden) if need_hidden_grad else None
+        weight_grad = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+        nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, hidden.shape[0], chunk):
+            h, t = hidden[i : i + chunk], targets[i : i + chunk]
+            keep = t != -100
+            logits = (h @ weight.T).float()  # shape: [chunk, vocab]
+            log_z = torch.logsumexp(logits, -1)
+            nll += ((log_z - logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)) * keep).sum()
+            if need_hidden_grad or need_weight_grad:
+                g = logits.sub_(log_z[:, None]).exp_().mul_(keep[:, None])  # softmax, in place; 0 without target
+                rows = keep.nonzero().squeeze(1)
+                g[rows, t[rows]] -= 1
+                g = g.to(h.dtype)
+                if need_hidden_grad:
+                    hidden_grad[i : i + chunk] = g @ weight
+                if need_weight_grad:
+                    weight_grad += g.T @ h
+        ctx.save_for_backward(hidden_grad, weight_grad)
+        return nll
+
+    @staticmethod
+    def backward(ctx, nll_grad):
+        hidden_grad, weight_grad = ctx.saved_tensors
+        return (hidden_grad * nll_grad if hidden_grad is not None else None,
+                weight_grad.mul_(nll_grad).to(ctx.weight_dtype) if weight_grad is not None else None, None, None)
+
+
+def chunked_lm_loss(hidden, weight, labels, chunk: int):
+    """lm_loss(hidden @ weight.T, labels) without holding the whole logits: hidden [batch, len, d] (the states the
+    LM head reads), weight [vocab, d] (the head's). Returns (summed nll, number of targets)."""
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    nll = ChunkedLinearCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.flatten(), chunk)
+    return nll, (targets != -100).sum()
+
+
+def head_for_chunked_loss(model, inputs, chunk: int, fsdp: bool):
+    """The LM head's weight if the chunked loss reproduces this model's logits (a bias-free linear head applied to
+    the last hidden states, no logit scaling or soft-capping: checked on the last position of a real batch), else
+    None and the plain loss is used. Under FSDP the head's weight exists whole only inside the forward: None."""
+    head = model.get_output_embeddings()
+    if chunk <= 0 or fsdp or not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    with torch.no_grad(), autocast(inputs["input_ids"].device):
+        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        logits = out.hidden_states[-1][:, -1:] @ head.weight.T
+        same = torch.allclose(logits.float(), out.logits.float(), atol=1e-3, rtol=1e-3)
+    return head.weight if same else None
+
+
 def learning_rate_at(step: int, num_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup from 0, then cosine/linear decay to 0."""
     if step < warmup_steps:
@@ -514,6 +578,7 @@ def load_model(args: Args, tokenizer, device):
             raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --model's embedding only "
                             f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    fuse_gelu(model)  # speed only: the same function as the model's own
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
@@ -605,6 +670,9 @@ def main(args: Args):
               f"({n_trained / 1e6:.2f}M trained); outputs in {out_dir}")
 
     pad_id = tokenizer.pad_token_id
+    head_weight = head_for_chunked_loss(unwrapped, collate(train_examples[:1], pad_id, device)[0],
+                                        args.loss_chunk_size, args.fsdp)
+    no_position = torch.zeros(0, dtype=torch.long, device=device)  # logits_to_keep: the head's input, no logits
     if start_step == 0 and eval_examples:
         stats = evaluate(model, eval_examples, args.micro_batch_size, pad_id, device, rank, world_size)
         if is_main:
@@ -635,8 +703,12 @@ def main(args: Args):
             with model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last \
                     else contextlib.nullcontext():
                 with autocast(device):
-                    logits = model(**inputs, use_cache=False).logits  # shape: [micro_batch, len, vocab]
-                nll, _ = lm_loss(logits, labels)
+                    if head_weight is None:
+                        logits = model(**inputs, use_cache=False).logits  # shape: [micro_batch, len, vocab]
+                        nll, _ = lm_loss(logits, labels)
+                    else:  # the head runs on no position in the forward; chunk by chunk in the loss instead
+                        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_position)
+                        nll, _ = chunked_lm_loss(out.hidden_states[-1], head_weight, labels, args.loss_chunk_size)
                 (nll * world_size / n_targets).backward()
             step_nll += nll.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))

@@ -272,3 +272,19 @@ def test_build_prompts_truncated_whole_and_nested(assets):
     # a nested field (real-toxicity-prompts: {"prompt": {"text": ...}})
     nested = datasets.Dataset.from_list([{"prompt": {"text": t, "toxicity": 0.5}} for t in texts])
     assert [p.tolist() for p in ppo.build_prompts(nested, tokenizer, "prompt.text", 2, 3, 0)] == [p.tolist() for p in cut]
+
+
+def test_fused_gelu_keeps_the_models_function_and_its_saved_config(assets, tmp_path):
+    from utils.runtime import fuse_gelu
+
+    model = AutoModelForCausalLM.from_pretrained(assets / "policy").eval()
+    assert model.config.activation_function == "gelu_new"
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert fuse_gelu(model) == model.config.n_layer  # one per MLP
+        assert all(type(block.mlp.act) is torch.nn.GELU for block in model.transformer.h)
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.activation_function == "gelu_new" and fuse_gelu(model) == 0  # nothing left to swap

@@ -195,6 +195,47 @@ def test_lm_loss_matches_transformers_loss(assets):
     assert (nll / count).item() == pytest.approx(out.loss.item(), rel=1e-5)
 
 
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :3], labels[2, 5] = -100, -100  # prompt-like masked targets, and a lone one
+    nll, count = sft.lm_loss(hidden @ weight.T, labels)
+    grads = torch.autograd.grad(nll * 0.3, (hidden, weight))  # scaled, as the training loop does
+    for chunk in (1, 4, 5, 100):  # a chunk boundary inside a row, rows split unevenly, one chunk
+        chunked, chunked_count = sft.chunked_lm_loss(hidden, weight, labels, chunk)
+        assert chunked_count == count == 15
+        assert chunked.item() == pytest.approx(nll.item(), rel=1e-6)
+        for g, cg in zip(grads, torch.autograd.grad(chunked * 0.3, (hidden, weight))):
+            torch.testing.assert_close(cg, g, rtol=1e-5, atol=1e-6)
+    hidden_only = torch.autograd.grad(sft.chunked_lm_loss(hidden, weight.detach(), labels, 4)[0], hidden)[0]
+    torch.testing.assert_close(hidden_only, grads[0] / 0.3, rtol=1e-5, atol=1e-6)  # frozen head (LoRA)
+
+
+def test_chunked_loss_is_used_only_where_it_reproduces_the_logits(assets):
+    model = AutoModelForCausalLM.from_pretrained(assets / "policy")
+    inputs = {"input_ids": torch.tensor([[5, 9, 200, 31]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    assert sft.head_for_chunked_loss(model, inputs, 1024, fsdp=False) is model.lm_head.weight
+    assert sft.head_for_chunked_loss(model, inputs, 0, fsdp=False) is None  # turned off
+    assert sft.head_for_chunked_loss(model, inputs, 1024, fsdp=True) is None
+
+    class ScaledLogits(torch.nn.Module):  # a model that scales its logits after the head (as Cohere's do)
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def get_output_embeddings(self):
+            return self.lm.lm_head
+
+        def forward(self, **kwargs):
+            out = self.lm(**kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    assert sft.head_for_chunked_loss(ScaledLogits(model), inputs, 1024, fsdp=False) is None
+
+
 def test_learning_rate_schedule_hand_computed():
     lr = lambda step, schedule: sft.learning_rate_at(step, 10, 2, 1.0, schedule)
     assert [lr(0, "cosine"), lr(1, "cosine"), lr(2, "cosine")] == [0.5, 1.0, 1.0]  # warmup, then the peak

@@ -82,6 +82,20 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def fuse_gelu(model: torch.nn.Module) -> int:
+    """Swap transformers' NewGELUActivation (GPT-2's and T5 v1.1's "gelu_new": the tanh formula written as eight
+    tensor ops, each a pass over the MLP's widest activation, several kept for backward) for torch's fused tanh
+    GELU, the same function in one kernel (they differ by float rounding, ~1e-7). Only the module changes: the
+    config still says gelu_new, so the saved model loads and computes as before. Returns how many were swapped."""
+    from transformers.activations import NewGELUActivation
+
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is NewGELUActivation]
+    for parent, name in swaps:
+        setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+    return len(swaps)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated on CUDA, else the peak resident memory of the process (Linux: KiB)."""
     if device.type == "cuda":
