@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import (Tracker, atomic_dir, autocast, complete_checkpoint, distributed, fuse_gelu,
+from utils.runtime import (Tracker, atomic_dir, autocast, compile_blocks, complete_checkpoint, distributed, fuse_gelu,
                            init_distributed, mean_over_processes, peak_memory_mb)
 
 
@@ -58,6 +58,8 @@ class Args:
     """allow models whose code lives on the hub (runs that code!)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
+    compile: bool = False
+    """torch.compile the transformer blocks (a one-off compilation, then faster steps on GPU; needs a C++ compiler)"""
 
     # data
     dataset: str = "Anthropic/hh-rlhf"
@@ -443,6 +445,8 @@ def main(args: Args):
     if world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model,
                                                         device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        compile_blocks(model)
     if is_main:
         if resume_from:
             print(f"resumed from {resume_from} after step {start_step}")

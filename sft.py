@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import (Tracker, atomic_dir, autocast, complete_checkpoint, distributed, fuse_gelu, init_distributed,
-                           peak_memory_mb)
+from utils.runtime import (Tracker, atomic_dir, autocast, compile_blocks, complete_checkpoint, distributed, fuse_gelu,
+                           init_distributed, peak_memory_mb)
 
 
 @dataclass
@@ -69,6 +69,8 @@ class Args:
     """attention kernel: sdpa, eager, flash_attention_2, ... (None: transformers' choice)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
+    compile: bool = False
+    """torch.compile the transformer blocks (a one-off compilation, then faster steps on GPU; needs a C++ compiler)"""
     loss_chunk_size: int = 1024
     """training loss: tokens whose [tokens, vocab] logits exist at a time (0: the whole micro-batch's at once)"""
     fsdp: bool = False
@@ -654,6 +656,8 @@ def main(args: Args):
         load_weights(resume_from, model)
     unwrapped = model  # HF/peft model (sharded in place under FSDP) for saving; `model` may be the DDP wrapper
     model = distribute(model, args, device)
+    if args.compile:
+        compile_blocks(unwrapped)  # after FSDP's sharding, as torch recommends
     params = [p for p in model.parameters() if p.requires_grad]  # (after sharding: the optimizer holds the shards)
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],

@@ -288,3 +288,21 @@ def test_fused_gelu_keeps_the_models_function_and_its_saved_config(assets, tmp_p
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.config.activation_function == "gelu_new" and fuse_gelu(model) == 0  # nothing left to swap
+
+
+def test_compiled_blocks_compute_the_same_and_keep_parameter_names(assets):
+    from utils.runtime import compile_blocks
+
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_pretrained(assets / "policy").eval()
+    compiled = AutoModelForCausalLM.from_pretrained(assets / "policy").eval()
+    # aot_eager traces forward and backward as inductor does, without its C++ code generation (seconds, not minutes)
+    assert compile_blocks(compiled, backend="aot_eager") == model.config.n_layer
+    assert list(compiled.state_dict()) == list(model.state_dict())  # checkpoints unchanged
+    ids = torch.tensor([[5, 9, 200, 31, 7], [8, 8, 3, 1, 0]])
+    for m in (model, compiled):
+        m(input_ids=ids).logits.square().mean().backward()
+    torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch._dynamo.reset()
