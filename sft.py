@@ -405,6 +405,8 @@ def chunked_lm_loss(hidden, weight, labels, chunk: int):
     """lm_loss(hidden @ weight.T, labels) without holding the whole logits: hidden [batch, len, d] (the states the
     LM head reads), weight [vocab, d] (the head's). Returns (summed nll, number of targets)."""
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    if not torch.is_grad_enabled():  # evaluation: detached inputs tell the function to skip the gradients
+        hidden, weight = hidden.detach(), weight.detach()
     nll = ChunkedLinearCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.flatten(), chunk)
     return nll, (targets != -100).sum()
 
@@ -434,9 +436,11 @@ def learning_rate_at(step: int, num_steps: int, warmup_steps: int, peak: float, 
 
 
 @torch.no_grad()
-def evaluate(model, examples, micro_batch_size: int, pad_id: int, device, rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model, examples, micro_batch_size: int, pad_id: int, device, rank: int = 0, world_size: int = 1,
+             head_weight=None, chunk: int = 0) -> dict:
     """Mean next-token loss per target token over `examples`, and its perplexity (dropout off). Under torchrun
-    each process evaluates every world_size-th micro-batch and the sums are added up: the single-process result."""
+    each process evaluates every world_size-th micro-batch and the sums are added up: the single-process result.
+    With head_weight (see head_for_chunked_loss) the logits are computed `chunk` tokens at a time."""
     model.eval()
     batches = [examples[i : i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)]
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed nll, target count
@@ -444,9 +448,13 @@ def evaluate(model, examples, micro_batch_size: int, pad_id: int, device, rank: 
         # every process runs as many forwards (FSDP gathers weights in each); one past the end counts for nothing
         inputs, labels = collate(batches[k] if k < len(batches) else batches[0], pad_id, device)
         with autocast(device):
-            logits = model(**inputs, use_cache=False).logits
+            if head_weight is None:
+                loss = lm_loss(model(**inputs, use_cache=False).logits, labels)
+            else:
+                out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=labels.new_zeros(0))
+                loss = chunked_lm_loss(out.hidden_states[-1], head_weight, labels, chunk)
         if k < len(batches):
-            totals += torch.stack(lm_loss(logits, labels)).double()
+            totals += torch.stack(loss).double()
     if distributed():
         torch.distributed.all_reduce(totals)
     model.train()
@@ -676,9 +684,9 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id
     head_weight = head_for_chunked_loss(unwrapped, collate(train_examples[:1], pad_id, device)[0],
                                         args.loss_chunk_size, args.fsdp)
-    no_position = torch.zeros(0, dtype=torch.long, device=device)  # logits_to_keep: the head's input, no logits
     if start_step == 0 and eval_examples:
-        stats = evaluate(model, eval_examples, args.micro_batch_size, pad_id, device, rank, world_size)
+        stats = evaluate(model, eval_examples, args.micro_batch_size, pad_id, device, rank, world_size, head_weight,
+                         args.loss_chunk_size)
         if is_main:
             tracker.log({"step": 0, **stats})
     for step in (bar := tqdm(range(start_step, args.num_steps), desc="sft", initial=start_step,
@@ -710,8 +718,9 @@ def main(args: Args):
                     if head_weight is None:
                         logits = model(**inputs, use_cache=False).logits  # shape: [micro_batch, len, vocab]
                         nll, _ = lm_loss(logits, labels)
-                    else:  # the head runs on no position in the forward; chunk by chunk in the loss instead
-                        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_position)
+                    else:  # logits_to_keep=[]: the head runs on no position here, chunk by chunk in the loss
+                        out = model(**inputs, use_cache=False, output_hidden_states=True,
+                                    logits_to_keep=labels.new_zeros(0))
                         nll, _ = chunked_lm_loss(out.hidden_states[-1], head_weight, labels, args.loss_chunk_size)
                 (nll * world_size / n_targets).backward()
             step_nll += nll.detach().double()
@@ -728,7 +737,8 @@ def main(args: Args):
                  "perf/tokens_per_s": n_tokens / step_time, "perf/peak_memory_mb": peak_memory_mb(device)}
         bar.set_postfix(loss=f"{stats['losses/loss']:.3f}")
         if eval_examples and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.num_steps):
-            stats.update(evaluate(model, eval_examples, args.micro_batch_size, pad_id, device, rank, world_size))
+            stats.update(evaluate(model, eval_examples, args.micro_batch_size, pad_id, device, rank, world_size,
+                                  head_weight, args.loss_chunk_size))
         if is_main and "eval/loss" in stats:  # (tqdm's write prints on every process)
             bar.write(f"step {step + 1:>5} | loss {stats['losses/loss']:.4f} | eval loss {stats['eval/loss']:.4f} "
                       f"| ppl {stats['eval/perplexity']:.2f} | lr {lr:.2e} | {stats['perf/tokens_per_s']:.0f} tok/s")

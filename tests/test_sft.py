@@ -213,10 +213,17 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
     torch.testing.assert_close(hidden_only, grads[0] / 0.3, rtol=1e-5, atol=1e-6)  # frozen head (LoRA)
 
 
-def test_chunked_loss_is_used_only_where_it_reproduces_the_logits(assets):
+def test_chunked_loss_is_used_only_where_it_reproduces_the_logits(assets, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(assets / "policy")
     inputs = {"input_ids": torch.tensor([[5, 9, 200, 31]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     assert sft.head_for_chunked_loss(model, inputs, 1024, fsdp=False) is model.lm_head.weight
+    texts = ["A fine film.", "Dull, long and loud; I left early.", "Great cast."]
+    examples, _, _ = sft.tokenize(datasets.Dataset.from_list([{"text": t} for t in texts]), "text", "text",
+                                  tokenizer, 64, completion_only=False)
+    cpu = torch.device("cpu")
+    plain = sft.evaluate(model, examples, 2, tokenizer.pad_token_id, cpu)
+    chunked = sft.evaluate(model, examples, 2, tokenizer.pad_token_id, cpu, head_weight=model.lm_head.weight, chunk=5)
+    assert chunked["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-6)
     assert sft.head_for_chunked_loss(model, inputs, 0, fsdp=False) is None  # turned off
     assert sft.head_for_chunked_loss(model, inputs, 1024, fsdp=True) is None
 
