@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import ppo
 from conftest import ROOT
 from test_ppo_e2e import read_metrics, tiny_args
+from utils.runtime import fuse_gelu
 
 
 def test_readme_library_snippet_runs(assets):
@@ -45,6 +46,7 @@ def check_library_call_matches_script(module, main_args, model_cls, model_dir, m
     policy = module.PolicyAndValue(lm, lm.config.hidden_size).eval()
     policy.load_state_dict(recorded["before"])
     ref_lm = model_cls.from_pretrained(model_dir).eval()
+    fuse_gelu(lm), fuse_gelu(ref_lm)  # as the scripts do (same function, another kernel: bits differ without it)
     args = recorded["args"]
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)  # as the scripts
     kl_ctl = module.KLController(recorded["kl_coef"], args.kl_target, args.kl_horizon)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from conftest import run_script
+from utils.quickstart import KL_BUDGET
 
 
 @pytest.mark.slow
@@ -16,6 +17,7 @@ def test_fast_quickstart_improves_the_independent_judge(tmp_path):
     before, after = report["before"]["vader"]["mean"], report["after"]["vader"]["mean"]
     assert after > before + 0.1, report
     assert report["after"]["reward_model"]["mean"] > report["before"]["reward_model"]["mean"]
+    assert report["kl_after_vs_before"]["mean"] < KL_BUDGET  # the policy stays within the KL budget
     assert (out / "curves.png").stat().st_size > 10_000 and (out / "report.md").exists()
     assert "[sft] python sft.py" in proc.stdout  # each stage prints the command a user can rerun
     # idempotent: a second call skips every finished stage

@@ -279,7 +279,8 @@ def test_cli_run_saves_loadable_model(assets, tmp_path, reviews):
 def test_help_reads_well():
     proc = run_script("sft.py", "--help")
     for flag in ("--dataset-text-field", "--packing", "--completion-only-loss", "--lora-r", "--merge-lora",
-                 "--from-scratch", "--config-overrides", "--eval-split", "--gradient-checkpointing", "--resume"):
+                 "--from-scratch", "--config-overrides", "--eval-split", "--gradient-checkpointing", "--resume",
+                 "--loss-chunk-size", "--compile"):
         assert flag in proc.stdout
     assert "--num-steps" not in proc.stdout and "--micro-batch-size" not in proc.stdout  # derived, not flags
 
