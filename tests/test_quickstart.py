@@ -23,3 +23,16 @@ def test_fast_quickstart_improves_the_independent_judge(tmp_path):
     # idempotent: a second call skips every finished stage
     again = run_script("-m", "utils.quickstart", "--fast", "--out", out, timeout=600)
     assert again.stdout.count("done already") == 3
+
+
+def test_readme_prints_the_quickstart_commands():
+    from pathlib import Path
+
+    from conftest import ROOT
+    from utils.quickstart import stage_commands
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Quickstart") :].split("```")[1]
+    printed = " ".join(block.replace("\\\n", " ").split())
+    for argv in stage_commands(Path("quickstart"), Path("tiny"), fast=False, seed=1).values():
+        assert "python " + " ".join(str(a) for a in argv) in printed, argv[0]
