@@ -285,9 +285,12 @@ def test_fused_gelu_keeps_the_models_function_and_its_saved_config(assets, tmp_p
         assert fuse_gelu(model) == model.config.n_layer  # one per MLP
         assert all(type(block.mlp.act) is torch.nn.GELU for block in model.transformer.h)
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    assert fuse_gelu(model) == 0  # nothing left to swap
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert reloaded.config.activation_function == "gelu_new" and fuse_gelu(model) == 0  # nothing left to swap
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers: gelu_new again
+    assert reloaded.config.activation_function == "gelu_new"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_blocks_compute_the_same_and_keep_parameter_names(assets):

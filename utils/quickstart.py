@@ -24,8 +24,8 @@ from utils import assets as assets_lib  # noqa: E402
 from utils import data as data_lib  # noqa: E402
 from utils.assets import read_jsonl, write_jsonl  # noqa: E402
 
-# Stage sizes: (full, fast). The full run is tuned to finish in about the time README states on 2 CPU cores.
 KL_BUDGET = 6.0  # nats per sequence: PPO's policy must stay this close to the SFT policy (checked by the tests)
+# Stage sizes: (full, fast). The full run is tuned to finish in about the time README states on 2 CPU cores.
 SIZES = {
     "sft_steps": (400, 100), "reward_pairs": (1000, 400), "reward_steps": (60, 20), "reward_max_len": (128, 64),
     "ppo_episodes": (64 * 30, 64 * 22), "eval_prompts": (256, 128),
@@ -46,7 +46,8 @@ def stage_commands(out: Path, tiny: Path, fast: bool, seed: int) -> dict:
         ],
         "reward": [
             "reward.py", "--model", tiny / "minilm", "--dataset", out / "data/prefs_train.jsonl",
-            "--eval-dataset", out / "data/prefs_test.jsonl", "--max-seq-length", size["reward_max_len"], "--batch-size", "16",
+            "--eval-dataset", out / "data/prefs_test.jsonl", "--max-seq-length", size["reward_max_len"],
+            "--batch-size", "16",
             "--learning-rate", "2e-4", "--max-steps", size["reward_steps"], "--eval-every", size["reward_steps"],
             "--seed", seed, "--output-dir", out / "reward",
         ],
