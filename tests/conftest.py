@@ -1,5 +1,6 @@
 """Shared fixtures: the offline tiny assets (built once, cached in ./tiny)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -35,3 +36,16 @@ def run_script(*argv, check=True, timeout=600):
 def torchrun(*argv, nproc: int = 2, check=True):
     """Run one of our scripts under PyTorch's launcher on `nproc` CPU processes (gloo), as a user would."""
     return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc, *argv, check=check)
+
+
+def learning_seed(default: int) -> int:
+    """The seed of a learning test: `default`, or LEARNING_SEED from the environment (benchmarks/seed_sweep.py runs
+    each learning test over many seeds before its threshold is trusted)."""
+    return int(os.environ.get("LEARNING_SEED", default))
+
+
+def record_learning(test: str, value: float, threshold: float):
+    """Append what a learning test measured to the file named by LEARNING_LOG (the seed sweep reads it)."""
+    if os.environ.get("LEARNING_LOG"):
+        with open(os.environ["LEARNING_LOG"], "a") as f:
+            f.write(json.dumps({"test": test, "seed": learning_seed(-1), "value": value, "threshold": threshold}) + "\n")

@@ -247,7 +247,9 @@ def test_bad_input_errors(tiny_model, tmp_path):
 
 def test_images_do_not_depend_on_how_the_batch_is_split(tiny_model):
     """Each image's noise comes from its own generator: 4 images in one batch == the same 4 in two batches of 2 (as
-    on 2 processes), bit for bit on CPU; what the 2-process tests below rely on."""
+    on 2 processes); what the 2-process tests below rely on. Equal up to float32 rounding, not bit for bit: the
+    batch shape changes the order in which the kernels sum (seen: identical on one CPU, up to 1.9e-5 apart on an
+    AVX-512 one). Other noise for an image (a shared or mis-indexed generator) moves the latents by O(1)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(tiny_model)
@@ -262,7 +264,7 @@ def test_images_do_not_depend_on_how_the_batch_is_split(tiny_model):
 
     whole, halves = sample(range(4)), (sample(range(2)), sample(range(2, 4)))
     for one, split in zip(whole, zip(*halves)):
-        assert torch.equal(one, torch.cat(split))
+        torch.testing.assert_close(torch.cat(split), one, rtol=1e-4, atol=1e-4)
     assert not torch.equal(whole[0][0], whole[0][3])  # distinct noise per image
 
 
