@@ -22,7 +22,6 @@ On a busy CPU, OMP_NUM_THREADS=1 is often much faster for the tiny pipeline (thr
 
 import io
 import math
-import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -37,9 +36,9 @@ import tyro
 from PIL import Image
 from tqdm.auto import tqdm
 
-from utils.hub import UserError, from_pretrained, go_offline_if_unreachable, quiet_libraries
-from utils.runtime import Tracker, all_gather, atomic_dir, autocast, call_reward_fn, complete_checkpoint, distributed, \
-    init_distributed, load_function, mean_over_processes, peak_memory_mb
+from utils.hub import UserError, check_paths, from_pretrained, go_offline_if_unreachable, quiet_libraries
+from utils.runtime import Tracker, all_gather, atomic_dir, autocast, call_reward_fn, check_positive, cli, distributed, \
+    init_distributed, load_function, mean_over_processes, peak_memory_mb, prepare_output_dir
 
 
 @dataclass
@@ -52,7 +51,11 @@ class Args:
     output_dir: str = "runs/ddpo"
     """where checkpoints, metrics.jsonl, sample grids (samples/) and the final model go"""
     resume: bool = False
-    """continue from the last complete checkpoint in --output-dir"""
+    """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
+    refused; these may differ: --num-epochs (a longer run), --save-every, --track, --wandb-project, --exp-name,
+    --output-dir, --device, --gradient-accumulation-steps"""
+    overwrite: bool = False
+    """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 20
     """save a checkpoint every this many epochs (and always at the end)"""
     track: bool = False
@@ -150,6 +153,8 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes (per process for `world_size` processes)."""
+    check_positive(args, "num_epochs", "sample_batch_size", "num_batches_per_epoch", "train_batch_size",
+                   "gradient_accumulation_steps", "ppo_epochs", "learning_rate", "save_every", "stat_buffer_size")
     if not 0 < args.eta <= 1:
         raise UserError(f"--eta {args.eta}: DDPO needs stochastic DDIM steps, 0 < eta <= 1 (eta = 0 makes every step "
                         "deterministic: sigma = 0, log sigma = -inf, nothing to compute a policy ratio on)")
@@ -563,10 +568,10 @@ def main(args: Args):
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     diffusers.utils.logging.disable_progress_bar()
+    # The output folder first (a run in it is never lost: --resume or --overwrite), then the model's path
+    check_paths(("--model", args.model))
+    resume_from = prepare_output_dir(args, is_main, may_change=("num_epochs",))
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
-    resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
-    if args.resume and resume_from is None and is_main:
-        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
     torch.manual_seed(args.seed)  # LoRA's initial weights (the same on every process; DDP also broadcasts rank 0's)
 
     # Reward and prompts first: bad input fails before the (large) pipeline loads
@@ -732,7 +737,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cli(main, Args)

@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig)
 
-from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import (Tracker, all_gather, atomic_dir, autocast, call_reward_fn, complete_checkpoint,
+from utils.data import special_tokens
+from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
+from utils.runtime import (Tracker, all_gather, atomic_dir, autocast, call_reward_fn, check_positive, cli,
                            distributed, fuse_gelu, init_distributed, load_function, mean_over_processes,
-                           peak_memory_mb)
+                           peak_memory_mb, prepare_output_dir)
 
 
 @dataclass
@@ -47,7 +48,11 @@ class Args:
     output_dir: str = "runs/ppo"
     """where checkpoints, metrics.jsonl and the final model go"""
     resume: bool = False
-    """continue from the last complete checkpoint in --output-dir"""
+    """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
+    refused; these may differ: --total-episodes (a longer run; not with --anneal-lr), --save-every, --track,
+    --wandb-project, --exp-name, --output-dir, --device, --fsdp, --gradient-accumulation-steps"""
+    overwrite: bool = False
+    """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 10
     """save a checkpoint every this many iterations (and always at the end)"""
     track: bool = False
@@ -181,6 +186,11 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes."""
+    check_positive(args, "total_episodes", "batch_size", "mini_batch_size", "gradient_accumulation_steps",
+                   "ppo_epochs", "learning_rate", "response_length", "save_every", "kl_horizon", "cliprange",
+                   "cliprange_value")
+    if args.kl_coef < 0 or args.vf_coef < 0:
+        raise UserError("--kl-coef and --vf-coef must be >= 0")
     args.world_size = world_size
     args.num_iterations = exact_div(args.total_episodes, args.batch_size, "--total-episodes / --batch-size")
     exact_div(args.batch_size, args.mini_batch_size, "--batch-size / --mini-batch-size")
@@ -434,7 +444,8 @@ def build_prompts(dataset, tokenizer, text_field: str, min_tokens: int, max_toke
                   truncate: bool = True):
     """Tokenize each text and keep its first L tokens, L ~ U[min, max] drawn with a fixed generator (truncate),
     or the whole text (not truncate). Texts shorter than min_tokens (or, whole, longer than max_tokens) are
-    dropped. A nested field is named with dots (prompt.text). Returns a list of 1-D LongTensors."""
+    dropped. A nested field is named with dots (prompt.text). The tokens the tokenizer puts before a text (a
+    Llama/Mistral BOS) lead each prompt, as sft.py trained on them (not counted in L). Returns 1-D LongTensors."""
     if text_field not in dataset.column_names and "." in text_field:
         dataset = dataset.flatten()  # struct columns become "prompt.text", ...
     if text_field not in dataset.column_names:
@@ -446,9 +457,10 @@ def build_prompts(dataset, tokenizer, text_field: str, min_tokens: int, max_toke
     lengths = torch.randint(min_tokens, max_tokens + 1, (len(dataset),), generator=generator).tolist()
     texts = [t if isinstance(t, str) else "" for t in dataset[text_field]]
     token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = special_tokens(tokenizer)[0]  # [] for GPT-2, [<s>] for Llama; no EOS: the prompt is to be continued
     if not truncate:
         lengths = [max_tokens if len(ids) <= max_tokens else -1 for ids in token_ids]  # -1: too long, dropped
-    prompts = [torch.tensor(ids[:n]) for ids, n in zip(token_ids, lengths) if len(ids) >= min_tokens and n >= 0]
+    prompts = [torch.tensor(bos + ids[:n]) for ids, n in zip(token_ids, lengths) if len(ids) >= min_tokens and n >= 0]
     if not prompts:
         raise UserError(f"no text in --dataset column {text_field!r} has at least {min_tokens} tokens"
                         + ("" if truncate else f" and at most {max_tokens} (--prompt-max-tokens)"))
@@ -786,22 +798,30 @@ def main(args: Args):
     args = check_args(args, world_size)
     is_main = rank == 0  # only the first process logs, tracks and saves
     quiet_libraries()
+    # Everything the user gave is checked before any weights load: paths, the output folder (a run in it is never
+    # lost: --resume or --overwrite), the reward functions, the tokenizer and the prompts
+    check_paths(("--model", args.model), ("--reward-model", args.reward_model), ("--dataset", args.dataset))
+    resume_from = prepare_output_dir(args, is_main, may_change=() if args.anneal_lr else ("total_episodes",))
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
-    resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
-    if args.resume and resume_from is None and is_main:
-        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
-
-    # Policy + value head, reference model, tokenizer
+    reward_fns = {spec: load_function(spec, "--reward-fn", REWARD_FUNCTIONS) for spec in args.reward_fn}
     remote = dict(trust_remote_code=args.trust_remote_code)
     config = from_pretrained(AutoConfig, args.model, "--model", **remote)
     if config.is_encoder_decoder:
         raise UserError(f"--model {args.model!r} is an encoder-decoder model; use ppo_seq2seq.py for it")
     tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", **remote)
-    if tokenizer.pad_token_id is None:
-        # documented default: pad with EOS. Safe here because every mask comes from sequence lengths, never
-        # from comparing ids with pad_token_id, so a real EOS inside a response is never mistaken for padding.
-        tokenizer.pad_token = tokenizer.eos_token
+    check_tokenizer(tokenizer, config, "--model")  # no id past the embedding; pads with EOS if it has no pad token
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    longest = len(special_tokens(tokenizer)[0]) + args.prompt_max_tokens + args.response_length
+    if context and longest > context:
+        raise UserError(f"--prompt-max-tokens + --response-length = {longest} tokens (with special tokens) exceed "
+                        f"the model's context of {context} positions")
+    dataset = load_dataset(args.dataset, args.dataset_split)
+    prompts = build_prompts(dataset, tokenizer, args.dataset_text_field, args.prompt_min_tokens,
+                            args.prompt_max_tokens, args.seed, args.prompt_truncation)
+    gen_config, stop_id = make_generation_config(args, tokenizer)
+
+    # Policy + value head, reference model
+    torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", **remote)
     fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2, T5 v1.1)
     if args.lora_r > 0:  # reference = the same model with adapters disabled: no second copy in memory
@@ -824,24 +844,16 @@ def main(args: Args):
                                  fused=True)  # one kernel for all tensors (CPU and CUDA)
 
     # Rewards: a classifier with its own tokenizer and/or Python functions, weighted and added up
-    reward_fns = {spec: load_function(spec, "--reward-fn", REWARD_FUNCTIONS) for spec in args.reward_fn}
     if args.reward_model:
         reward_model = from_pretrained(AutoModelForSequenceClassification, args.reward_model, "--reward-model",
                                        **remote).to(device).eval()
         fuse_gelu(reward_model)
         reward_tokenizer = from_pretrained(AutoTokenizer, args.reward_model, "--reward-model", **remote)
-        if reward_tokenizer.pad_token_id is None:
-            reward_tokenizer.pad_token = reward_tokenizer.eos_token
+        check_tokenizer(reward_tokenizer, reward_model.config, "--reward-model")
         if reward_model.config.pad_token_id is None:  # else the classifier may read its score at a pad token
             reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
         label_index = reward_label_index(reward_model.config, args.reward_label)
     weights = args.reward_weights or [1.0] * (bool(args.reward_model) + len(reward_fns))
-
-    # Prompts and sampling
-    dataset = load_dataset(args.dataset, args.dataset_split)
-    prompts = build_prompts(dataset, tokenizer, args.dataset_text_field, args.prompt_min_tokens,
-                            args.prompt_max_tokens, args.seed, args.prompt_truncation)
-    gen_config, stop_id = make_generation_config(args, tokenizer)
 
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon, args.adaptive_kl)
     score_moments = RunningMoments()
@@ -932,7 +944,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cli(main, Args)

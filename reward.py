@@ -26,9 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import (Tracker, atomic_dir, autocast, compile_blocks, complete_checkpoint, distributed, fuse_gelu,
-                           init_distributed, mean_over_processes, peak_memory_mb)
+from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
+from utils.runtime import (Tracker, atomic_dir, autocast, check_positive, cli, compile_blocks, distributed, fuse_gelu,
+                           init_distributed, mean_over_processes, peak_memory_mb, prepare_output_dir)
 
 
 @dataclass
@@ -41,7 +41,12 @@ class Args:
     output_dir: str = "runs/reward"
     """where checkpoints, metrics.jsonl and the final model go"""
     resume: bool = False
-    """continue exactly from the last complete checkpoint in --output-dir"""
+    """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
+    refused; these may differ: --max-steps/--num-epochs (with --lr-scheduler constant and no warmup),
+    --eval-every, --save-every, --track, --wandb-project, --exp-name, --output-dir, --device,
+    --gradient-accumulation-steps, --gradient-checkpointing, --compile"""
+    overwrite: bool = False
+    """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 500
     """save a checkpoint every this many optimizer steps (and always at the end)"""
     track: bool = False
@@ -136,6 +141,10 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
+    check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every",
+                   "max_seq_length", "max_eval_examples")
+    if args.eval_every < 0 or args.weight_decay < 0:
+        raise UserError("--eval-every and --weight-decay must be >= 0")
     args.world_size = world_size
     args.local_batch_size = exact_div(args.batch_size, world_size,
                                       "--batch-size / processes (torchrun --nproc_per_node)")
@@ -372,11 +381,11 @@ def load_pairs(args: Args, tokenizer, max_len: int, verbose: bool = True):
     return out
 
 
-def load_model(args: Args, tokenizer, device, verbose: bool = True):
+def load_model(args: Args, tokenizer, device, verbose: bool = True, config=None):
     """A sequence classifier with a single output. A checkpoint with another head (a language model, a 2-label
     classifier) gets a fresh one-output head. Weights stay in fp32 (bf16 only inside autocast)."""
     remote = {"trust_remote_code": args.trust_remote_code}
-    config = from_pretrained(AutoConfig, args.model, "--model", **remote)
+    config = config or from_pretrained(AutoConfig, args.model, "--model", **remote)
     kwargs = {"num_labels": 1, "dtype": torch.float32, **remote}
     if config.num_labels != 1 and config.architectures and "ForSequenceClassification" in config.architectures[0]:
         if verbose:
@@ -406,30 +415,30 @@ def main(args: Args):
     args = check_args(args, world_size)
     is_main = rank == 0  # only the first process prints, logs, tracks and saves
     quiet_libraries()
+    # Everything the user gave is checked before any weights load: paths, the output folder (a run in it is never
+    # lost: --resume or --overwrite), the tokenizer, the model's config and the data
+    check_paths(("--model", args.model), ("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset))
+    steps_may_change = args.lr_scheduler == "constant" and args.warmup_ratio == 0  # no schedule depends on them
+    resume_from = prepare_output_dir(args, is_main, may_change=("eval_every",) + (
+        ("max_steps", "num_epochs") if steps_may_change else ()))
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
-    resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
-    if args.resume and resume_from is None and is_main:
-        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
 
-    # Tokenizer and model
+    # Tokenizer, config, data, then the model
     tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise UserError(f"the tokenizer of --model {args.model!r} has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token  # as gpt2 reward models do; the pad id goes into the config below
+    config = from_pretrained(AutoConfig, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    check_tokenizer(tokenizer, config, "--model")  # as gpt2 reward models do: pad with EOS if there is no pad token
     tokenizer.truncation_side = args.truncation_side
-    with torch.random.fork_rng(devices=[]):  # the fresh head's init depends on --seed only: the same on every rank
-        torch.manual_seed(args.seed)
-        model = load_model(args, tokenizer, device, verbose=is_main)
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
     max_len = args.max_seq_length or min(context or 1024, 1024)
     if context and max_len > context:
         raise UserError(f"--max-seq-length {max_len} exceeds the model's context of {context} positions")
-    # Dropout as the model's config sets it during training (model.train(), as the usual recipe); off in eval.
-    model.train()
-
     # Every process loads and tokenizes all pairs (the same on every rank) and takes its share of each batch below
     train_pairs, eval_pairs = load_pairs(args, tokenizer, max_len, verbose=is_main)
+    with torch.random.fork_rng(devices=[]):  # the fresh head's init depends on --seed only: the same on every rank
+        torch.manual_seed(args.seed)
+        model = load_model(args, tokenizer, device, verbose=is_main, config=config)
+    # Dropout as the model's config sets it during training (model.train(), as the usual recipe); off in eval.
+    model.train()
     args.num_steps = args.max_steps or math.ceil(args.num_epochs * len(train_pairs) / args.batch_size)
     warmup_steps = round(args.warmup_ratio * args.num_steps)
     if resume_from:
@@ -532,7 +541,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cli(main, Args)

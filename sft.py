@@ -29,9 +29,9 @@ import tyro
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from utils.hub import UserError, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import (Tracker, atomic_dir, autocast, compile_blocks, complete_checkpoint, distributed, fuse_gelu,
-                           init_distributed, peak_memory_mb)
+from utils.hub import UserError, check_paths, from_pretrained, load_dataset, quiet_libraries
+from utils.runtime import (Tracker, atomic_dir, autocast, check_positive, cli, compile_blocks, distributed, fuse_gelu,
+                           init_distributed, peak_memory_mb, prepare_output_dir)
 
 
 @dataclass
@@ -44,7 +44,12 @@ class Args:
     output_dir: str = "runs/sft"
     """where checkpoints, metrics.jsonl and the final model go"""
     resume: bool = False
-    """continue exactly from the last complete checkpoint in --output-dir"""
+    """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
+    refused; these may differ: --max-steps/--num-epochs (with --lr-scheduler constant and no warmup),
+    --eval-every, --save-every, --track, --wandb-project, --exp-name, --output-dir, --device, --fsdp,
+    --gradient-accumulation-steps, --gradient-checkpointing, --compile, --loss-chunk-size"""
+    overwrite: bool = False
+    """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 500
     """save a checkpoint every this many optimizer steps (and always at the end)"""
     track: bool = False
@@ -156,6 +161,10 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
+    check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every",
+                   "max_seq_length", "loss_chunk_size", "max_eval_examples")
+    if args.eval_every < 0 or args.weight_decay < 0:
+        raise UserError("--eval-every and --weight-decay must be >= 0")
     args.world_size = world_size
     args.local_batch_size = exact_div(args.batch_size, world_size, "--batch-size / processes")
     args.micro_batch_size = exact_div(args.local_batch_size, args.gradient_accumulation_steps,
@@ -557,15 +566,11 @@ def load_examples(args: Args, tokenizer, max_len: int, verbose: bool = True):
     return out
 
 
-def load_model(args: Args, tokenizer, device):
-    """The causal LM: pretrained, or freshly initialised from a config (--from-scratch); LoRA on top if asked.
-    Weights are kept in fp32 (bf16 only inside autocast), so small updates are not rounded away."""
-    remote = {"trust_remote_code": args.trust_remote_code}
-    kwargs = {"dtype": torch.float32, **remote}
-    if args.attn_implementation:
-        kwargs["attn_implementation"] = args.attn_implementation
+def load_config(args: Args, tokenizer):
+    """The model's config (cheap: no weights), with --config-overrides and the tokenizer's vocabulary and EOS
+    when training --from-scratch. Checked against the tokenizer before any weights load."""
+    config = from_pretrained(AutoConfig, args.model, "--model", trust_remote_code=args.trust_remote_code)
     if args.from_scratch:
-        config = from_pretrained(AutoConfig, args.model, "--model", **remote)
         for item in args.config_overrides or []:
             key, sep, value = item.partition("=")
             if not sep or not hasattr(config, key):
@@ -579,6 +584,19 @@ def load_model(args: Args, tokenizer, device):
         # the embedding matches the tokenizer, and EOS/BOS are the tokenizer's (as GPT-2 on the hub)
         config.vocab_size = len(tokenizer)
         config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    elif len(tokenizer) > (getattr(config.get_text_config(), "vocab_size", None) or len(tokenizer)):
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --model's embedding only "
+                        f"{config.get_text_config().vocab_size}: use the model's own tokenizer")
+    return config
+
+
+def load_model(args: Args, config, tokenizer, device):
+    """The causal LM: pretrained, or freshly initialised from `config` (--from-scratch); LoRA on top if asked.
+    Weights are kept in fp32 (bf16 only inside autocast), so small updates are not rounded away."""
+    kwargs = {"dtype": torch.float32, "trust_remote_code": args.trust_remote_code}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if args.from_scratch:
         with torch.random.fork_rng(devices=[]):  # the init depends on --seed only, with no global side effect
             torch.manual_seed(args.seed)
             model = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -625,10 +643,14 @@ def main(args: Args):
     args = check_args(args, world_size)
     is_main = rank == 0  # only the first process prints, logs and saves
     quiet_libraries()
+    # Everything the user gave is checked before any weights load: paths, the output folder (a run in it is never
+    # lost: --resume or --overwrite), the tokenizer, the model's config and the data
+    check_paths(("--model", args.model), ("--tokenizer", args.tokenizer), ("--dataset", args.dataset),
+                ("--eval-dataset", args.eval_dataset))
+    steps_may_change = args.lr_scheduler == "constant" and args.warmup_ratio == 0  # no schedule depends on them
+    resume_from = prepare_output_dir(args, is_main, may_change=("eval_every",) + (
+        ("max_steps", "num_epochs") if steps_may_change else ()))
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
-    resume_from = complete_checkpoint(ckpt_dir) if args.resume else None
-    if args.resume and resume_from is None and is_main:
-        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
     torch.manual_seed(args.seed)  # LoRA init: the same on every process
 
     # Tokenizer and model
@@ -645,19 +667,19 @@ def main(args: Args):
         if not Path(args.chat_template).is_file():
             raise UserError(f"--chat-template {args.chat_template!r}: not 'zephyr' and not a file")
         tokenizer.chat_template = Path(args.chat_template).read_text()
-    model = load_model(args, tokenizer, device)
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    config = load_config(args, tokenizer)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
     max_len = args.max_seq_length or min(context or 1024, 1024)
     if context and max_len > context:
         raise UserError(f"--max-seq-length {max_len} exceeds the model's context of {context} positions")
+    train_examples, eval_examples = load_examples(args, tokenizer, max_len, is_main)
+    model = load_model(args, config, tokenizer, device)
     if args.packing and not packing_isolates_examples(model, device) and is_main:
         print("warning: this model ignores restarting position ids, so packed examples attend to the examples "
               "before them in their block; use --attn-implementation flash_attention_2 or drop --packing",
               file=sys.stderr)
     # Dropout as the model's config sets it during training (model.train(), as the usual SFT recipe); off in eval.
     model.train()
-
-    train_examples, eval_examples = load_examples(args, tokenizer, max_len, is_main)
     args.num_steps = args.max_steps or math.ceil(args.num_epochs * len(train_examples) / args.batch_size)
     warmup_steps = round(args.warmup_ratio * args.num_steps)
     if resume_from:
@@ -765,7 +787,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cli(main, Args)

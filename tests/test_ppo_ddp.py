@@ -1,7 +1,6 @@
 """ppo.py under torchrun: 2 CPU processes (gloo) against one process with the same global batch."""
 
 import json
-import sys
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import ppo
-from conftest import run_script
+from conftest import learning_seed, record_learning, run_script
 
 
 def tiny_args(assets, tmp_path, **overrides):
@@ -129,9 +129,36 @@ def test_ppo_learns_a_dense_reward(assets, tmp_path):
     args = tiny_args(assets, tmp_path, reward_model="none", reward_fn=["tests/rewards.py:letter_e_fraction"],
                      total_episodes=20 * 64, batch_size=64, mini_batch_size=32, gradient_accumulation_steps=1,
                      response_length=16, ppo_epochs=4, learning_rate=3e-3, kl_coef=0.05,
-                     score_scaling="normalize", save_every=100)
+                     score_scaling="normalize", save_every=100, seed=learning_seed(1))
     metrics = read_metrics(ppo.main(args))
     scores = [m["objective/scores"] for m in metrics]
     first, last = sum(scores[:3]) / 3, sum(scores[-5:]) / 5
+    record_learning("ppo_dense_reward_rise", last - first, 0.05)
     assert last > first + 0.05, scores
     assert all(m["objective/kl"] < 60 for m in metrics), [m["objective/kl"] for m in metrics]
+
+
+def test_prompts_keep_the_bos_token_the_policy_was_trained_with(assets):
+    """A Llama/Mistral-style tokenizer puts BOS before every text; sft.py trains on [BOS, text..., EOS], so ppo.py's
+    prompts must start with BOS too (they were cut from texts without special tokens and lost it, silently)."""
+    import datasets
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    import sft
+
+    tokenizer = AutoTokenizer.from_pretrained(assets / "policy")
+    bos = tokenizer.eos_token_id  # GPT-2 style: one token for both; the post-processor adds it before each text
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                             special_tokens=[("<|endoftext|>", bos)])
+    texts = ["a great film with a great cast", "the worst movie I have seen in years"]
+    data = datasets.Dataset.from_dict({"text": texts})
+    examples, _, _ = sft.tokenize(data, "text", "text", tokenizer, max_len=64, completion_only=True)
+    prompts = ppo.build_prompts(data, tokenizer, "text", 3, 3, seed=0)
+    for (sft_ids, _), prompt, text in zip(examples, prompts, texts):
+        assert sft_ids[0] == bos and prompt[0].item() == bos  # both start as the model was trained
+        assert prompt.tolist() == sft_ids[:4]  # BOS + the text's first 3 tokens, exactly as SFT saw them
+        assert prompt.tolist()[1:] == tokenizer(text, add_special_tokens=False)["input_ids"][:3]
+    # GPT-2's own tokenizer adds nothing: prompts are the text's first tokens
+    plain = AutoTokenizer.from_pretrained(assets / "policy")
+    assert ppo.build_prompts(data, plain, "text", 3, 3, seed=0)[0].tolist() == plain(texts[0])["input_ids"][:3]

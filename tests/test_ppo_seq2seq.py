@@ -17,7 +17,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import ppo
 import ppo_seq2seq as s2s
-from conftest import ROOT, run_script, torchrun
+from conftest import ROOT, learning_seed, record_learning, run_script, torchrun
 
 # Helpers whose math is the same in both scripts: copies, kept identical (STYLE.md). A change to one of them in
 # ppo.py must be copied to ppo_seq2seq.py (and the other way round).
@@ -296,10 +296,12 @@ def test_ppo_seq2seq_learns_a_dense_reward(assets, tmp_path):
     args = tiny_args(assets, tmp_path, arch="bart", reward_model="none",
                      reward_fn=["tests/rewards.py:letter_e_fraction"], total_episodes=20 * 64, batch_size=64,
                      mini_batch_size=32, gradient_accumulation_steps=1, response_length=16, ppo_epochs=4,
-                     learning_rate=1e-2, kl_coef=0.05, score_scaling="normalize", save_every=100)
+                     learning_rate=1e-2, kl_coef=0.05, score_scaling="normalize", save_every=100,
+                     seed=learning_seed(1))
     metrics = read_metrics(s2s.main(args))
     scores = [m["objective/scores"] for m in metrics]
     first, last = sum(scores[:3]) / 3, sum(scores[-5:]) / 5
+    record_learning("ppo_seq2seq_dense_reward_rise", last - first, 0.08)
     assert last > first + 0.08, scores
     assert all(m["objective/kl"] < 60 for m in metrics), [m["objective/kl"] for m in metrics]
 

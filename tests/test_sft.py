@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import reward
 import sft
-from conftest import run_script, torchrun
+from conftest import learning_seed, record_learning, run_script, torchrun
 from utils.assets import read_jsonl, write_jsonl
 from utils.hub import UserError
 
@@ -292,7 +292,7 @@ def test_from_scratch_with_config_overrides(assets, tmp_path, reviews):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
     assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (1, 32, 4096)
     with pytest.raises(UserError, match="not_a_field"):
-        sft.main(tiny_args(assets, tmp_path, reviews, from_scratch=True, config_overrides=["not_a_field=1"]))
+        sft.main(tiny_args(assets, tmp_path / "bad", reviews, from_scratch=True, config_overrides=["not_a_field=1"]))
 
 
 def test_lora_merged_and_adapter_only(assets, tmp_path, reviews):
@@ -365,9 +365,10 @@ def test_sft_drives_held_out_loss_down_on_imdb(assets, tmp_path, one_thread):
                     eval_dataset=str(assets / "imdb" / "test.jsonl"), max_eval_examples=64,
                     output_dir=str(tmp_path / "run"),
                     max_steps=80, batch_size=16, learning_rate=3e-3, warmup_ratio=0.1, max_seq_length=128,
-                    packing=True, eval_every=0, save_every=1000)
+                    packing=True, eval_every=0, save_every=1000, seed=learning_seed(1))
     metrics = [json.loads(l) for l in open(sft.main(args))]
     start, end = metrics[0]["eval/loss"], metrics[-1]["eval/loss"]
+    record_learning("sft_eval_loss_drop", start - end, 1.25)
     assert start > 8.0 and end < start - 1.25, (start, end)
 
 

@@ -66,12 +66,34 @@ def go_offline_if_unreachable(name: str):
         pass
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".py", ".safetensors", ".bin", ".arrow")
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path: ./x, ../x, /x, ~/x, a/b/c (hub ids have one slash at most), x.jsonl.
+    ("org/model" is a hub id unless a folder of that name exists.)"""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in DATA_SUFFIXES
+
+
+def check_paths(*flags_and_names):
+    """Fail at once, before anything loads, for a flag whose value can only be a local path and does not exist:
+    check_paths(("--model", args.model), ("--dataset", args.dataset), ...). None values are skipped."""
+    for flag, name in flags_and_names:
+        if name and looks_like_path(str(name)) and not Path(name).expanduser().exists():
+            raise UserError(f"{flag} {name!r}: no such file or folder")
+
+
 def explain(flag: str, name: str, err: Exception) -> UserError:
     local = Path(name).exists()
+    if "trust_remote_code" in str(err):
+        return UserError(f"{flag} {name!r} needs Python code from its repository to load: pass --trust-remote-code "
+                         "if you trust that code (it runs on your machine)")
     if local:
         why = f"the local path could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    elif looks_like_path(name):
+        return UserError(f"{flag} {name!r}: no such file or folder")
     elif not hub_reachable():
-        why = "the Hugging Face hub cannot be reached and no cached copy was found"
+        why = "the Hugging Face hub cannot be reached, no cached copy was found, and it is no local file or folder"
     else:
         why = f"it could not be loaded from the hub ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     return UserError(
@@ -127,3 +149,19 @@ def load_dataset(name: str, split: str, flag: str = "--dataset"):
 
 def _split_error(flag, name, split, available):
     raise UserError(f"{flag} {name!r} has no split {split!r}; available: {available} (set --dataset-split)")
+
+
+def check_tokenizer(tokenizer, config, flag: str = "--model"):
+    """A tokenizer the model can use (checked on the config, before the weights load): no token id beyond the
+    model's embedding, and a pad token. Without one it pads with EOS, the usual default: safe in our scripts, whose
+    masks come from sequence lengths, never from comparing ids with the pad id, so a real EOS is never mistaken
+    for padding."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        raise UserError(f"the tokenizer of {flag} has {len(tokenizer)} tokens but the model's embedding only {vocab}: "
+                        "use the model's own tokenizer (or resize the model's embeddings and save it first)")
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise UserError(f"the tokenizer of {flag} has neither a pad nor an EOS token: give it one "
+                            "(tokenizer.pad_token = ..., then save_pretrained) and pass that folder")
+        tokenizer.pad_token = tokenizer.eos_token

@@ -67,11 +67,12 @@ def run_stage(name: str, argv: list, out_dir: Path, force: bool):
         print(f"[{name}] done already ({out_dir}); --force reruns it")
         return
     argv = [str(a) for a in argv]
-    if (out_dir / "checkpoint").exists() and not force:
-        argv.append("--resume")
+    if (out_dir / "args.json").exists():  # an interrupted stage: continue it, or start it again with --force
+        argv.append("--overwrite" if force else "--resume")
     print(f"[{name}] python {shlex.join(argv)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, *argv], cwd=ROOT, check=True)
+    if subprocess.run([sys.executable, *argv], cwd=ROOT).returncode != 0:
+        sys.exit(f"error: the {name} stage failed (its message is above); rerun to resume it, or add --force")
     done.write_text(f"{time.perf_counter() - start:.0f} s\n")
 
 
