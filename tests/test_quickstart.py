@@ -5,16 +5,17 @@ import json
 
 import pytest
 
-from conftest import run_script
+from conftest import learning_seed, record_learning, run_script
 from utils.quickstart import KL_BUDGET
 
 
 @pytest.mark.slow
 def test_fast_quickstart_improves_the_independent_judge(tmp_path):
     out = tmp_path / "quickstart"
-    proc = run_script("-m", "utils.quickstart", "--fast", "--out", out, timeout=1800)
+    proc = run_script("-m", "utils.quickstart", "--fast", "--out", out, "--seed", learning_seed(1), timeout=1800)
     report = json.loads((out / "report.json").read_text())
     before, after = report["before"]["vader"]["mean"], report["after"]["vader"]["mean"]
+    record_learning("quickstart_judge_rise", after - before, 0.1)
     assert after > before + 0.1, report
     assert report["after"]["reward_model"]["mean"] > report["before"]["reward_model"]["mean"]
     assert report["kl_after_vs_before"]["mean"] < KL_BUDGET  # the policy stays within the KL budget
