@@ -125,9 +125,10 @@ def test_bad_input_fails_fast_with_one_line(assets, tmp_path, flags, message):
 @pytest.mark.slow
 def test_ppo_learns_a_dense_reward(assets, tmp_path):
     """Reward = fraction of 'e' characters in the completion, from a random-init policy (score ~0.10).
-    A sign error in the advantages drives it down; a detached policy loss leaves it flat."""
+    A sign error in the advantages drives it down; a detached policy loss leaves it flat (both checked by hand).
+    30 iterations: after 20 the rise was 0.0485 to 0.148 over seeds 1-10, one seed under the threshold."""
     args = tiny_args(assets, tmp_path, reward_model="none", reward_fn=["tests/rewards.py:letter_e_fraction"],
-                     total_episodes=20 * 64, batch_size=64, mini_batch_size=32, gradient_accumulation_steps=1,
+                     total_episodes=30 * 64, batch_size=64, mini_batch_size=32, gradient_accumulation_steps=1,
                      response_length=16, ppo_epochs=4, learning_rate=3e-3, kl_coef=0.05,
                      score_scaling="normalize", save_every=100, seed=learning_seed(1))
     metrics = read_metrics(ppo.main(args))
