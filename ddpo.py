@@ -422,7 +422,8 @@ def sample_trajectories(pipe, scheduler, prompt_embeds, negative_embeds, args: A
         with autocast(device):
             noise_pred = predict_noise(unet, x, timesteps, prompt_embeds, negative_embeds, args.guidance_scale)
         x, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, x, args.eta, generators=generators)
-        latents.append(x), log_probs.append(log_prob)
+        latents.append(x)
+        log_probs.append(log_prob)
     with autocast(device):
         images = decode(pipe, x)
     return torch.stack(latents, 1), torch.stack(log_probs, 1), images
@@ -643,8 +644,9 @@ def main(args: Args):
               f"{'LoRA r=%d' % args.lora_r if args.lora_r else 'full UNet'} ({sum(p.numel() for p in params):,} "
               f"trained parameters); {len(prompts)} prompts; outputs in {out_dir}")
 
-    for epoch in (bar := tqdm(range(start_epoch, args.num_epochs), desc="ddpo", initial=start_epoch,
-                              total=args.num_epochs, dynamic_ncols=True, disable=not is_main)):
+    bar = tqdm(range(start_epoch, args.num_epochs), desc="ddpo", initial=start_epoch,
+               total=args.num_epochs, dynamic_ncols=True, disable=not is_main)
+    for epoch in bar:
         # 1. Sample trajectories with the current policy and score the final images. The epoch's prompts are drawn
         # for all processes at once and each takes its share; each image's noise has its own generator (keyed by
         # the image's number in the epoch), so a seed gives the same images on any number of processes.

@@ -656,11 +656,15 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
                     raise FloatingPointError(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()}) "
                                              "- lower --learning-rate or check the scores")
                 if ratio_mean.item() > args.ratio_threshold:  # an exploding ratio: never step on it. A zero loss
-                    loss, skipped = loss * 0.0, skipped + 1  # (not a skipped backward) keeps DDP ranks in step
+                    loss = loss * 0.0  # (not a skipped backward) keeps DDP ranks in step
+                    skipped += 1
                 (loss / n_micro).backward()
-                policy_losses.append(pg_loss.item()), value_losses.append(vf_loss.item())
-                clipfracs.append(clipfrac.item()), value_clipfracs.append(vf_clipfrac.item())
-                approx_kls.append(approx_kl.item()), ratios.append(ratio_mean.item())
+                policy_losses.append(pg_loss.item())
+                value_losses.append(vf_loss.item())
+                clipfracs.append(clipfrac.item())
+                value_clipfracs.append(vf_clipfrac.item())
+                approx_kls.append(approx_kl.item())
+                ratios.append(ratio_mean.item())
                 epoch_kls.append(approx_kl.item())
             if args.max_grad_norm is not None:
                 grad_norms.append(nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
@@ -724,7 +728,10 @@ def full_state_dicts(policy, optimizer, fsdp: bool):
 def save_model(path: Path, policy, weights=None):
     """The LM in HF format (or its LoRA adapter) and the value head, from `weights` (full_state_dicts) if given."""
     weights = weights if weights is not None else policy.state_dict()
-    part = lambda prefix: {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+    def part(prefix):  # the weights whose names start with `prefix`, named without it
+        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
     policy.lm.save_pretrained(path, state_dict=part("lm."))
     save_file({k: v.contiguous() for k, v in part("v_head.").items()}, path / "value_head.safetensors")
 
@@ -886,8 +893,9 @@ def main(args: Args):
         print(f"PPO (encoder-decoder): {args.num_iterations} iterations x {args.batch_size} episodes on {world_size} x "
               f"{device}; {len(prompts)} prompts; outputs in {out_dir}")
 
-    for iteration in (bar := tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
-                                  total=args.num_iterations, dynamic_ncols=True, disable=not is_main)):
+    bar = tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
+               total=args.num_iterations, dynamic_ncols=True, disable=not is_main)
+    for iteration in bar:
         # Each iteration seeds itself from (seed, iteration, rank): a resumed run samples exactly what an
         # uninterrupted one would, with no RNG state to save, and every process samples its own episodes.
         torch.manual_seed(args.seed + 100_000 * iteration + rank)
@@ -936,7 +944,8 @@ def main(args: Args):
         }, device))
         if is_main:
             tracker.log(stats)
-            bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:+.3f} "
+            bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} "
+                      f"| kl {stats['objective/kl']:+.3f} "
                       f"| beta {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
                       f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
                       f"| len {stats['charts/response_length']:.1f} | {stats['perf/episodes_per_s']:.1f} ep/s")

@@ -471,8 +471,9 @@ def main(args: Args):
         stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size)
         if is_main:
             tracker.log({"step": 0, **stats})
-    for step in (bar := tqdm(range(start_step, args.num_steps), desc="reward", initial=start_step,
-                             total=args.num_steps, dynamic_ncols=True, disable=not is_main)):
+    bar = tqdm(range(start_step, args.num_steps), desc="reward", initial=start_step,
+               total=args.num_steps, dynamic_ncols=True, disable=not is_main)
+    for step in bar:
         # Each step seeds its dropout from (seed, step, rank): a resumed run draws exactly what an uninterrupted
         # one would, with no RNG state to save, and the processes draw different masks.
         torch.manual_seed(args.seed + 100_000 * step + rank)
@@ -495,7 +496,8 @@ def main(args: Args):
                     loss = loss + args.center_rewards_coefficient * center
                 (loss / n_micro).backward()  # micro-batches hold equal numbers of pairs: this is the step's mean
             step_loss += loss.item() / n_micro
-            b_chosen.append(chosen_rewards.detach()), b_rejected.append(rejected_rewards.detach())
+            b_chosen.append(chosen_rewards.detach())
+            b_rejected.append(rejected_rewards.detach())
         # the gradients are the same on every rank now, so the clipping and the update are too
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
         optimizer.step()

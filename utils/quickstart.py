@@ -103,12 +103,14 @@ def evaluate(out: Path, eval_prompts: list, seed: int, n_samples: int = 6) -> di
             responses += ppo.truncate_after_stop(generated, stop_id)[0]
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
-        rm = ppo.score_with_model(reward_model, reward_tokenizer, [p + c for p, c in zip(prompt_texts, texts)], 0, 64, device)
+        full_texts = [p + c for p, c in zip(prompt_texts, texts)]
+        rm = ppo.score_with_model(reward_model, reward_tokenizer, full_texts, 0, 64, device)
         judge = ppo.reward_vader(prompt_texts, texts, None)
         report[name] = {"reward_model": _mean_std(rm.tolist()), "vader": _mean_std(judge)}
         completions[name] = (prompt_texts, texts)
         if name == "after":
-            report["kl_after_vs_before"] = _mean_std(_sequence_kl(models["after"], models["before"], prompts, responses, tokenizer))
+            kl = _sequence_kl(models["after"], models["before"], prompts, responses, tokenizer)
+            report["kl_after_vs_before"] = _mean_std(kl)
     report["samples"] = [{"prompt": p, "before": b, "after": a} for p, b, a in
                          zip(completions["before"][0], completions["before"][1], completions["after"][1])][:n_samples]
     return report
@@ -157,7 +159,10 @@ def write_report(out: Path, report: dict, stage_times: dict) -> Path:
         "Stage times: " + ", ".join(f"{k} {v}" for k, v in stage_times.items()), "",
         "| prompt | before PPO | after PPO |", "|---|---|---|",
     ]
-    clean = lambda s: s.replace("|", "/").replace("\n", " ")
+
+    def clean(text):  # one table cell
+        return text.replace("|", "/").replace("\n", " ")
+
     lines += [f"| {clean(s['prompt'])} | {clean(s['before'])} | {clean(s['after'])} |" for s in report["samples"]]
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -181,7 +186,10 @@ def main():
         test = read_jsonl(tiny / "imdb/test.jsonl")  # prompts.jsonl holds the first 1,024: evaluate on others
         write_jsonl(out / "data/eval_prompts.jsonl", ({"text": r["text"]} for r in test[-size["eval_prompts"]:]))
 
-    rel = lambda p: Path(p).relative_to(ROOT) if Path(p).is_relative_to(ROOT) else Path(p)
+
+    def rel(path):  # paths in the printed commands relative to the repository, as a user types them
+        return Path(path).relative_to(ROOT) if Path(path).is_relative_to(ROOT) else Path(path)
+
     commands = stage_commands(rel(out), rel(tiny), a.fast, a.seed)
     stage_times = {}
     for name, argv in commands.items():
