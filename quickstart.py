@@ -1,7 +1,10 @@
 """The offline quickstart: SFT -> reward model -> PPO on real IMDB reviews, then a before/after evaluation.
 
-    python -m utils.quickstart            # the whole pipeline (see README for the measured time)
-    python -m utils.quickstart --fast     # a smoke-sized run (CI)
+    python quickstart.py            # the whole pipeline (see README for the measured time)
+    python quickstart.py --fast     # a smoke-sized run (CI)
+
+A pipeline above the scripts (it runs them and imports ppo.py's scoring helpers), so it sits beside them, not in
+utils/ (shared plumbing, which imports no algorithm script).
 
 Every stage runs one of our scripts as a subprocess with the flags printed here, exactly as you would by hand.
 A finished stage is skipped on the next call (unless --force); an interrupted one resumes from its checkpoint.
@@ -17,12 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from utils import assets as assets_lib
+from utils import data as data_lib
+from utils.assets import read_jsonl, write_jsonl
 
-from utils import assets as assets_lib  # noqa: E402
-from utils import data as data_lib  # noqa: E402
-from utils.assets import read_jsonl, write_jsonl  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 KL_BUDGET = 6.0  # nats per sequence: PPO's policy must stay this close to the SFT policy (checked by the tests)
 # Stage sizes: (full, fast). The full run is tuned to finish in about the time README states on 2 CPU cores.
