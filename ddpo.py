@@ -3,9 +3,9 @@
 Black et al. 2023, "Training Diffusion Models with Reinforcement Learning": denoising is a multi-step MDP whose
 actions are the sampler's steps x_t -> x_{t-1}. With stochastic DDIM (eta > 0) each step is a Gaussian, so its
 log-probability is exact and PPO's clipped importance-ratio objective applies (DDPO_IS, sec. 4.3). Defaults follow
-the reference implementation (kvablack/ddpo-pytorch). Read top to bottom: arguments, the DDIM step with its
-log-probability (tested against diffusers and torch.distributions), advantages, rewards, prompts, sampling, the
-PPO update, checkpoints, and the loop in `main`.
+the reference implementation (kvablack/ddpo-pytorch), as TRL's DDPOTrainer did (TRL 1.16 no longer ships it).
+Read top to bottom: arguments, the DDIM step with its log-probability (tested against diffusers and
+torch.distributions), advantages, rewards, prompts, sampling, the PPO update, checkpoints, and the loop in `main`.
 
     python ddpo.py --model runwayml/stable-diffusion-v1-5 --reward jpeg-incompressibility --lora-r 4
     python -m utils.tiny_sd && python ddpo.py --model tiny/sd --reward jpeg-compressibility  # offline, ~1 min/epoch

@@ -1,9 +1,10 @@
 """RLHF with PPO for causal language models, in one file.
 
 Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences" (KL-shaped reward, adaptive KL),
-with PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016). Semantics follow the seed library's
-PPOTrainer so results compare. Read top to bottom: arguments, model wrapper, numeric helpers (each tested),
-rewards, the PPO step (usable as a library: `ppo_step`), checkpoints, and the training loop in `main`.
+with PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016). Semantics follow TRL's PPOTrainer with its
+value-head model (trl <= 0.11, AutoModelForCausalLMWithValueHead; "the seed library" below) so results compare.
+Read top to bottom: arguments, model wrapper, numeric helpers (each tested), rewards, the PPO step (usable as a
+library: `ppo_step`), checkpoints, and the training loop in `main`.
 
     python ppo.py --model gpt2 --reward-model lvwerra/distilbert-imdb
     python ppo.py --model tiny/policy --reward-model tiny/reward --dataset tiny/prompts.jsonl   # offline
@@ -113,7 +114,7 @@ class Args:
     kl_coef: float = 0.2
     """initial KL coefficient (beta)"""
     adaptive_kl: bool = True
-    """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, eq. 2)"""
+    """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, sec. 2.2)"""
     kl_target: float = 6.0
     """target KL (nats per sequence) of the adaptive controller"""
     kl_horizon: int = 10000

@@ -2,8 +2,9 @@
 
 The single-file counterpart of ppo.py: the same flags, metrics and helpers (a test keeps the shared helpers
 identical), with the model side made encoder-decoder. Ziegler et al. 2019 (KL-shaped reward, adaptive KL),
-PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016); semantics follow the seed library's PPOTrainer
-with its seq2seq value-head model. What differs from ppo.py:
+PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016); semantics follow TRL's PPOTrainer (trl <= 0.11,
+"the seed library" below) with its seq2seq value-head model, AutoModelForSeq2SeqLMWithValueHead.
+What differs from ppo.py:
   - the query goes to the encoder; the response is sampled by the decoder, which starts from the model's
     decoder start token (<pad> for T5, </s> for BART);
   - log-probs, values and reference log-probs come from one teacher-forced forward: the decoder reads
@@ -125,7 +126,7 @@ class Args:
     kl_coef: float = 0.2
     """initial KL coefficient (beta)"""
     adaptive_kl: bool = True
-    """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, eq. 2)"""
+    """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, sec. 2.2)"""
     kl_target: float = 6.0
     """target KL (nats per sequence) of the adaptive controller"""
     kl_horizon: int = 10000
