@@ -8,6 +8,7 @@ mode, so a cached copy still loads and anything else fails at once with a messag
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +21,20 @@ def quiet_libraries():
 
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+
+
+@contextmanager
+def quiet_load_report():
+    """Keep transformers' multi-line load report (missing / mismatched weights) and its warnings quiet while a
+    model whose new head is expected loads; the script says so in one line of its own."""
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
 
 
 class UserError(Exception):
