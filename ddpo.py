@@ -3,9 +3,9 @@
 Black et al. 2023, "Training Diffusion Models with Reinforcement Learning": denoising is a multi-step MDP whose
 actions are the sampler's steps x_t -> x_{t-1}. With stochastic DDIM (eta > 0) each step is a Gaussian, so its
 log-probability is exact and PPO's clipped importance-ratio objective applies (DDPO_IS, sec. 4.3). Defaults follow
-the reference implementation (kvablack/ddpo-pytorch). Read top to bottom: arguments, the DDIM step with its
-log-probability (tested against diffusers and torch.distributions), advantages, rewards, prompts, sampling, the
-PPO update, checkpoints, and the loop in `main`.
+the reference implementation (kvablack/ddpo-pytorch), as TRL's DDPOTrainer did (TRL 1.16 no longer ships it).
+Read top to bottom: arguments, the DDIM step with its log-probability (tested against diffusers and
+torch.distributions), advantages, rewards, prompts, sampling, the PPO update, checkpoints, and the loop in `main`.
 
     python ddpo.py --model runwayml/stable-diffusion-v1-5 --reward jpeg-incompressibility --lora-r 4
     python -m utils.tiny_sd && python ddpo.py --model tiny/sd --reward jpeg-compressibility  # offline, ~1 min/epoch
@@ -422,7 +422,8 @@ def sample_trajectories(pipe, scheduler, prompt_embeds, negative_embeds, args: A
         with autocast(device):
             noise_pred = predict_noise(unet, x, timesteps, prompt_embeds, negative_embeds, args.guidance_scale)
         x, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, x, args.eta, generators=generators)
-        latents.append(x), log_probs.append(log_prob)
+        latents.append(x)
+        log_probs.append(log_prob)
     with autocast(device):
         images = decode(pipe, x)
     return torch.stack(latents, 1), torch.stack(log_probs, 1), images
@@ -643,8 +644,9 @@ def main(args: Args):
               f"{'LoRA r=%d' % args.lora_r if args.lora_r else 'full UNet'} ({sum(p.numel() for p in params):,} "
               f"trained parameters); {len(prompts)} prompts; outputs in {out_dir}")
 
-    for epoch in (bar := tqdm(range(start_epoch, args.num_epochs), desc="ddpo", initial=start_epoch,
-                              total=args.num_epochs, dynamic_ncols=True, disable=not is_main)):
+    bar = tqdm(range(start_epoch, args.num_epochs), desc="ddpo", initial=start_epoch,
+               total=args.num_epochs, dynamic_ncols=True, disable=not is_main)
+    for epoch in bar:
         # 1. Sample trajectories with the current policy and score the final images. The epoch's prompts are drawn
         # for all processes at once and each takes its share; each image's noise has its own generator (keyed by
         # the image's number in the epoch), so a seed gives the same images on any number of processes.

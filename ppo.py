@@ -1,9 +1,10 @@
 """RLHF with PPO for causal language models, in one file.
 
 Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences" (KL-shaped reward, adaptive KL),
-with PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016). Semantics follow the seed library's
-PPOTrainer so results compare. Read top to bottom: arguments, model wrapper, numeric helpers (each tested),
-rewards, the PPO step (usable as a library: `ppo_step`), checkpoints, and the training loop in `main`.
+with PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016). Semantics follow TRL's PPOTrainer with its
+value-head model (trl <= 0.11, AutoModelForCausalLMWithValueHead; "the seed library" below) so results compare.
+Read top to bottom: arguments, model wrapper, numeric helpers (each tested), rewards, the PPO step (usable as a
+library: `ppo_step`), checkpoints, and the training loop in `main`.
 
     python ppo.py --model gpt2 --reward-model lvwerra/distilbert-imdb
     python ppo.py --model tiny/policy --reward-model tiny/reward --dataset tiny/prompts.jsonl   # offline
@@ -113,7 +114,7 @@ class Args:
     kl_coef: float = 0.2
     """initial KL coefficient (beta)"""
     adaptive_kl: bool = True
-    """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, eq. 2)"""
+    """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, sec. 2.2)"""
     kl_target: float = 6.0
     """target KL (nats per sequence) of the adaptive controller"""
     kl_horizon: int = 10000
@@ -642,11 +643,15 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
                     raise FloatingPointError(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()}) "
                                              "- lower --learning-rate or check the scores")
                 if ratio_mean.item() > args.ratio_threshold:  # an exploding ratio: never step on it. A zero loss
-                    loss, skipped = loss * 0.0, skipped + 1  # (not a skipped backward) keeps DDP ranks in step
+                    loss = loss * 0.0  # (not a skipped backward) keeps DDP ranks in step
+                    skipped += 1
                 (loss / n_micro).backward()
-                policy_losses.append(pg_loss.item()), value_losses.append(vf_loss.item())
-                clipfracs.append(clipfrac.item()), value_clipfracs.append(vf_clipfrac.item())
-                approx_kls.append(approx_kl.item()), ratios.append(ratio_mean.item())
+                policy_losses.append(pg_loss.item())
+                value_losses.append(vf_loss.item())
+                clipfracs.append(clipfrac.item())
+                value_clipfracs.append(vf_clipfrac.item())
+                approx_kls.append(approx_kl.item())
+                ratios.append(ratio_mean.item())
                 epoch_kls.append(approx_kl.item())
             if args.max_grad_norm is not None:
                 norm = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -711,7 +716,10 @@ def full_state_dicts(policy, optimizer, fsdp: bool):
 def save_model(path: Path, policy, weights=None):
     """The LM in HF format (or its LoRA adapter) and the value head, from `weights` (full_state_dicts) if given."""
     weights = weights if weights is not None else policy.state_dict()
-    part = lambda prefix: {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+    def part(prefix):  # the weights whose names start with `prefix`, named without it
+        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
     policy.lm.save_pretrained(path, state_dict=part("lm."))
     save_file({k: v.contiguous() for k, v in part("v_head.").items()}, path / "value_head.safetensors")
 
@@ -867,8 +875,9 @@ def main(args: Args):
         print(f"PPO: {args.num_iterations} iterations x {args.batch_size} episodes on {world_size} x {device}; "
               f"{len(prompts)} prompts; outputs in {out_dir}")
 
-    for iteration in (bar := tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
-                                  total=args.num_iterations, dynamic_ncols=True, disable=not is_main)):
+    bar = tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
+               total=args.num_iterations, dynamic_ncols=True, disable=not is_main)
+    for iteration in bar:
         # Each iteration seeds itself from (seed, iteration, rank): a resumed run samples exactly what an
         # uninterrupted one would, with no RNG state to save, and every process samples its own episodes.
         torch.manual_seed(args.seed + 100_000 * iteration + rank)
@@ -917,7 +926,8 @@ def main(args: Args):
         }, device))
         if is_main:
             tracker.log(stats)
-            bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:+.3f} "
+            bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} "
+                      f"| kl {stats['objective/kl']:+.3f} "
                       f"| beta {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
                       f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
                       f"| len {stats['charts/response_length']:.1f} | {stats['perf/episodes_per_s']:.1f} ep/s")

@@ -2,8 +2,9 @@
 
 The single-file counterpart of ppo.py: the same flags, metrics and helpers (a test keeps the shared helpers
 identical), with the model side made encoder-decoder. Ziegler et al. 2019 (KL-shaped reward, adaptive KL),
-PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016); semantics follow the seed library's PPOTrainer
-with its seq2seq value-head model. What differs from ppo.py:
+PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016); semantics follow TRL's PPOTrainer (trl <= 0.11,
+"the seed library" below) with its seq2seq value-head model, AutoModelForSeq2SeqLMWithValueHead.
+What differs from ppo.py:
   - the query goes to the encoder; the response is sampled by the decoder, which starts from the model's
     decoder start token (<pad> for T5, </s> for BART);
   - log-probs, values and reference log-probs come from one teacher-forced forward: the decoder reads
@@ -125,7 +126,7 @@ class Args:
     kl_coef: float = 0.2
     """initial KL coefficient (beta)"""
     adaptive_kl: bool = True
-    """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, eq. 2)"""
+    """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, sec. 2.2)"""
     kl_target: float = 6.0
     """target KL (nats per sequence) of the adaptive controller"""
     kl_horizon: int = 10000
@@ -656,11 +657,15 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
                     raise FloatingPointError(f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()}) "
                                              "- lower --learning-rate or check the scores")
                 if ratio_mean.item() > args.ratio_threshold:  # an exploding ratio: never step on it. A zero loss
-                    loss, skipped = loss * 0.0, skipped + 1  # (not a skipped backward) keeps DDP ranks in step
+                    loss = loss * 0.0  # (not a skipped backward) keeps DDP ranks in step
+                    skipped += 1
                 (loss / n_micro).backward()
-                policy_losses.append(pg_loss.item()), value_losses.append(vf_loss.item())
-                clipfracs.append(clipfrac.item()), value_clipfracs.append(vf_clipfrac.item())
-                approx_kls.append(approx_kl.item()), ratios.append(ratio_mean.item())
+                policy_losses.append(pg_loss.item())
+                value_losses.append(vf_loss.item())
+                clipfracs.append(clipfrac.item())
+                value_clipfracs.append(vf_clipfrac.item())
+                approx_kls.append(approx_kl.item())
+                ratios.append(ratio_mean.item())
                 epoch_kls.append(approx_kl.item())
             if args.max_grad_norm is not None:
                 grad_norms.append(nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
@@ -724,7 +729,10 @@ def full_state_dicts(policy, optimizer, fsdp: bool):
 def save_model(path: Path, policy, weights=None):
     """The LM in HF format (or its LoRA adapter) and the value head, from `weights` (full_state_dicts) if given."""
     weights = weights if weights is not None else policy.state_dict()
-    part = lambda prefix: {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+    def part(prefix):  # the weights whose names start with `prefix`, named without it
+        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
     policy.lm.save_pretrained(path, state_dict=part("lm."))
     save_file({k: v.contiguous() for k, v in part("v_head.").items()}, path / "value_head.safetensors")
 
@@ -886,8 +894,9 @@ def main(args: Args):
         print(f"PPO (encoder-decoder): {args.num_iterations} iterations x {args.batch_size} episodes on {world_size} x "
               f"{device}; {len(prompts)} prompts; outputs in {out_dir}")
 
-    for iteration in (bar := tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
-                                  total=args.num_iterations, dynamic_ncols=True, disable=not is_main)):
+    bar = tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
+               total=args.num_iterations, dynamic_ncols=True, disable=not is_main)
+    for iteration in bar:
         # Each iteration seeds itself from (seed, iteration, rank): a resumed run samples exactly what an
         # uninterrupted one would, with no RNG state to save, and every process samples its own episodes.
         torch.manual_seed(args.seed + 100_000 * iteration + rank)
@@ -936,7 +945,8 @@ def main(args: Args):
         }, device))
         if is_main:
             tracker.log(stats)
-            bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:+.3f} "
+            bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} "
+                      f"| kl {stats['objective/kl']:+.3f} "
                       f"| beta {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
                       f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
                       f"| len {stats['charts/response_length']:.1f} | {stats['perf/episodes_per_s']:.1f} ep/s")

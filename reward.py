@@ -26,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
+from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
+                       quiet_load_report)
 from utils.runtime import (Tracker, atomic_dir, autocast, check_positive, cli, compile_blocks, distributed, fuse_gelu,
                            init_distributed, mean_over_processes, peak_memory_mb, prepare_output_dir)
 
@@ -387,11 +388,14 @@ def load_model(args: Args, tokenizer, device, verbose: bool = True, config=None)
     remote = {"trust_remote_code": args.trust_remote_code}
     config = config or from_pretrained(AutoConfig, args.model, "--model", **remote)
     kwargs = {"num_labels": 1, "dtype": torch.float32, **remote}
-    if config.num_labels != 1 and config.architectures and "ForSequenceClassification" in config.architectures[0]:
-        if verbose:
-            print(f"note: --model has a {config.num_labels}-label head; it is replaced by a fresh 1-output head")
+    classifier = bool(config.architectures) and "ForSequenceClassification" in config.architectures[0]
+    if classifier and config.num_labels != 1:
         kwargs["ignore_mismatched_sizes"] = True
-    model = from_pretrained(AutoModelForSequenceClassification, args.model, "--model", **kwargs)
+    if verbose and not (classifier and config.num_labels == 1):  # one line of ours for transformers' load report
+        print(f"note: --model has {f'a {config.num_labels}-label head' if classifier else 'no classification head'}; "
+              "a fresh 1-output head is initialised and trained (on purpose)")
+    with quiet_load_report():
+        model = from_pretrained(AutoModelForSequenceClassification, args.model, "--model", **kwargs)
     # Decoder classifiers (GPT-2, Llama, ...) read the score at the last token that is not config.pad_token_id;
     # left unset or different from the tokenizer's, the score would be read at a pad token or fail for batches.
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -471,8 +475,9 @@ def main(args: Args):
         stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size)
         if is_main:
             tracker.log({"step": 0, **stats})
-    for step in (bar := tqdm(range(start_step, args.num_steps), desc="reward", initial=start_step,
-                             total=args.num_steps, dynamic_ncols=True, disable=not is_main)):
+    bar = tqdm(range(start_step, args.num_steps), desc="reward", initial=start_step,
+               total=args.num_steps, dynamic_ncols=True, disable=not is_main)
+    for step in bar:
         # Each step seeds its dropout from (seed, step, rank): a resumed run draws exactly what an uninterrupted
         # one would, with no RNG state to save, and the processes draw different masks.
         torch.manual_seed(args.seed + 100_000 * step + rank)
@@ -495,7 +500,8 @@ def main(args: Args):
                     loss = loss + args.center_rewards_coefficient * center
                 (loss / n_micro).backward()  # micro-batches hold equal numbers of pairs: this is the step's mean
             step_loss += loss.item() / n_micro
-            b_chosen.append(chosen_rewards.detach()), b_rejected.append(rejected_rewards.detach())
+            b_chosen.append(chosen_rewards.detach())
+            b_rejected.append(rejected_rewards.detach())
         # the gradients are the same on every rank now, so the clipping and the update are too
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
         optimizer.step()

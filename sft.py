@@ -627,7 +627,8 @@ def distribute(model, args: Args, device):
     if args.world_size == 1:
         return model
     if not args.fsdp:
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     from torch.distributed.fsdp import fully_shard
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA wrapper
@@ -711,8 +712,9 @@ def main(args: Args):
                          args.loss_chunk_size)
         if is_main:
             tracker.log({"step": 0, **stats})
-    for step in (bar := tqdm(range(start_step, args.num_steps), desc="sft", initial=start_step,
-                             total=args.num_steps, dynamic_ncols=True, disable=not is_main)):
+    bar = tqdm(range(start_step, args.num_steps), desc="sft", initial=start_step,
+               total=args.num_steps, dynamic_ncols=True, disable=not is_main)
+    for step in bar:
         start = time.perf_counter()
         # Each step seeds itself (dropout) from (seed, step, rank): a resumed run is exactly an uninterrupted one.
         torch.manual_seed(args.seed + 100_000 * step + rank)

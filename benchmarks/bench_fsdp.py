@@ -1,13 +1,14 @@
 """Memory per process of DDP and FSDP (--fsdp) under torchrun: what each process holds of the model's training
 state, measured on the live tensors after a few optimizer steps of sft.py's model set-up (`sft.distribute`).
 
-    python benchmarks/bench_fsdp.py                    # GPT-2-small-shaped model (12 x 768, 4096-token vocab), 2 processes
+    python benchmarks/bench_fsdp.py        # GPT-2-small-shaped model (12 x 768, 4096-token vocab), 2 processes
     python benchmarks/bench_fsdp.py --layers 4 --width 256 --nproc 4
 
 For each mode a 2-process (gloo, CPU) torchrun job builds the model, wraps it as sft.py does (DDP, or FSDP on each
 transformer block + the root), trains 3 steps with AdamW on random tokens, then every process sums the bytes of
 what it holds: parameters (the local shard under FSDP), gradients and Adam's two moments. (DDP also keeps flat
-gradient buckets for its all-reduce, about one more copy of the gradients, not counted.) On CUDA torch.cuda.max_memory_allocated would add activations and FSDP's transient all-gathered block; on CPU
+gradient buckets for its all-reduce, about one more copy of the gradients, not counted.) On CUDA
+torch.cuda.max_memory_allocated would add activations and FSDP's transient all-gathered block; on CPU
 there is no allocator statistic, and the process's peak RSS is dominated by loading the whole model before it is
 sharded and by gathering it for the checkpoint, so it is not a useful measure here.
 """
@@ -74,7 +75,7 @@ def main():
                __file__, "--worker", mode, "--layers", str(a.layers), "--width", str(a.width)]
         out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-        line = next(l for l in out.splitlines() if l.startswith("RESULT"))
+        line = next(text for text in out.splitlines() if text.startswith("RESULT"))
         mb = {k: int(v) / 2**20 for k, v in (f.split("=") for f in line.split()[1:])}
         totals[mode] = mb["total"]
         print(f"| {mode} | {mb['parameters']:.0f} MB | {mb['gradients']:.0f} MB | {mb['adam']:.0f} MB | "

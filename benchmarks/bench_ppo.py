@@ -55,7 +55,8 @@ def main():
         runs = []
         for repeat in range(a.repeats):
             out = Path(tmp) / f"run{repeat}"
-            cmd = [sys.executable, str(ROOT / "ppo.py"), "--model", str(model), "--reward-model", str(assets / "reward"),
+            cmd = [sys.executable, str(ROOT / "ppo.py"), "--model", str(model),
+                   "--reward-model", str(assets / "reward"),
                    "--dataset", str(assets / "prompts.jsonl"), "--output-dir", str(out), "--device", a.device,
                    "--batch-size", str(a.batch_size), "--mini-batch-size", str(a.mini_batch_size),
                    "--total-episodes", str(a.batch_size * a.iterations), "--response-length", str(a.response_length),

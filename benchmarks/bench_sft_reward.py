@@ -82,7 +82,7 @@ def main():
         for _ in range(a.repeats):
             proc = subprocess.run([sys.executable, __file__, "--one", kind, "--steps", str(a.steps),
                                    "--threads", str(a.threads)], cwd=ROOT, capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((text for text in proc.stdout.splitlines() if text.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"{kind} benchmark failed:\n{proc.stderr[-3000:]}")
             result = json.loads(line[len("RESULT "):])

@@ -31,8 +31,9 @@ default (fused AdamW), ours torch's Adam. TRL 1.12 steps its optimizer once per 
 num_mini_batches says (accelerate's accumulation spans the whole batch; huggingface/trl#5645; counted by
 trl_runner.py), so mini-batch = batch here, with micro-batches via gradient accumulation on both sides.
 Both sides run with --threads (default 1) intra-op threads: on a shared 2-core machine two threads per
-process made both sides many times slower from contention in our first runs. ppo.py is bit-reproducible run to run here; TRL is not past a
-few iterations, so its score varies a little between runs. SFT and reward: see compare_supervised.
+process made both sides many times slower from contention in our first runs. ppo.py is bit-reproducible run to
+run here; TRL is not past a few iterations, so its score varies a little between runs. SFT and reward: see
+compare_supervised.
 
 The TRL side runs in a benchmark-only venv that shares our torch (never let pip touch torch==2.13.0):
 
@@ -324,10 +325,11 @@ def profile_ppo(a, work: Path, top: int = 30):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--profile-child", str(prof), str(phases), *argv]
     child = run_child(cmd, work / "profile.log", child_env(a.threads))
     res = json.loads(phases.read_text())
-    iters = [m["perf/iteration_s"] for m in (json.loads(l) for l in open(work / "profile-run" / "metrics.jsonl"))]
+    iters = [m["perf/iteration_s"] for m in (json.loads(row) for row in open(work / "profile-run" / "metrics.jsonl"))]
     print(f"ppo.py, {a.iterations} iterations, batch {a.batch_size}, micro-batch "
           f"{a.mini_batch_size // a.gradient_accumulation_steps}, {a.ppo_epochs} epochs, {a.response_length} tokens, "
-          f"threads {a.threads or 'default'}; process wall {child['wall_s']:.1f} s, peak RSS {child['peak_rss_mb']:.0f} MiB")
+          f"threads {a.threads or 'default'}; process wall {child['wall_s']:.1f} s, "
+          f"peak RSS {child['peak_rss_mb']:.0f} MiB")
     print(f"iteration wall times (s): {', '.join(f'{t:.2f}' for t in iters)}; timers below cover all iterations "
           f"(the first is a warm-up); cProfile was on, which inflates Python-heavy phases")
     total = sum(iters)
@@ -382,7 +384,8 @@ def profile_child(prof_path: str, phases_path: str, argv: list):
     ppo.gae = timed("  gae (python loop over tokens)", ppo.gae)
     torch.Tensor.backward = timed("  backward", torch.Tensor.backward)
     torch.optim.Adam.step = timed("  optimizer step", torch.optim.Adam.step)
-    PreTrainedTokenizerBase.batch_decode = timed("rollout: tokenizer.batch_decode", PreTrainedTokenizerBase.batch_decode)
+    PreTrainedTokenizerBase.batch_decode = timed("rollout: tokenizer.batch_decode",
+                                                 PreTrainedTokenizerBase.batch_decode)
     ppo.save_checkpoint = timed("save_checkpoint (final)", ppo.save_checkpoint)
 
     args = tyro.cli(ppo.Args, args=argv)
@@ -414,7 +417,8 @@ def short_texts(tok, texts, max_tokens: int, n: int):
 def supervised_stats(side, step_s, tokens, batch, child, unit) -> dict:
     """Per-step rates, first step (warm-up) dropped. tokens: real (non-pad) tokens of each step or None."""
     timed = slice(1, None) if len(step_s) > 1 else slice(None)
-    row = {"side": side, "steps/s": 1 / statistics.mean(step_s[timed]), f"{unit}/s": batch / statistics.mean(step_s[timed]),
+    step_mean = statistics.mean(step_s[timed])
+    row = {"side": side, "steps/s": 1 / step_mean, f"{unit}/s": batch / step_mean,
            "peak RSS MiB": child["peak_rss_mb"], "process wall s": child["wall_s"], "process cpu s": child["cpu_s"]}
     if tokens is not None:
         row["tokens/s"] = sum(tokens[timed]) / sum(step_s[timed])

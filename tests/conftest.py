@@ -29,7 +29,8 @@ def run_script(*argv, check=True, timeout=600):
     """Run one of our scripts as a user would (`python ppo.py ...` from the repo root)."""
     proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{argv} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{argv} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -48,4 +49,5 @@ def record_learning(test: str, value: float, threshold: float):
     """Append what a learning test measured to the file named by LEARNING_LOG (the seed sweep reads it)."""
     if os.environ.get("LEARNING_LOG"):
         with open(os.environ["LEARNING_LOG"], "a") as f:
-            f.write(json.dumps({"test": test, "seed": learning_seed(-1), "value": value, "threshold": threshold}) + "\n")
+            row = {"test": test, "seed": learning_seed(-1), "value": value, "threshold": threshold}
+            f.write(json.dumps(row) + "\n")

@@ -29,7 +29,7 @@ def world(assets, tmp_path_factory):
     write_jsonl(tmp / "pairs.jsonl", sentiment_pairs(reviews, 8, seed=0, max_words=80))
     (tmp / "prompts.txt").write_text("cat\ndog\n")
     (tmp / "a_file").write_text("not a folder")
-    (tmp / "broken_reward.py").write_text("import math\n\nvalue = undefined_name + 1\n\ndef fn(p, c, i):\n    return [0.0]\n")
+    (tmp / "broken_reward.py").write_text("value = undefined_name + 1\n\ndef fn(p, c, i):\n    return [0.0]\n")
     (tmp / "syntax_reward.py").write_text("def fn(p, c, i)\n    return [0.0]\n")
     # a model whose code lives in its repository (config.json's auto_map)
     remote = shutil.copytree(assets / "policy", tmp / "remote_code_model")

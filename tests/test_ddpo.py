@@ -221,7 +221,7 @@ def test_aesthetic_reward_with_local_weights(tmp_path):
     processor.save_pretrained(tmp_path / "clip")
     dims = [8, 1024, 128, 64, 16, 1]
     layers = [0, 2, 4, 6, 7]  # the Linear layers of the reference's nn.Sequential (Dropouts between)
-    torch.save({f"layers.{l}.{k}": v for l, (i, o) in zip(layers, zip(dims, dims[1:]))
+    torch.save({f"layers.{n}.{k}": v for n, (i, o) in zip(layers, zip(dims, dims[1:]))
                 for k, v in torch.nn.Linear(i, o).state_dict().items()}, tmp_path / "mlp.pth")
     fn = ddpo.load_reward_fn(ddpo.Args(reward_fn="aesthetic", aesthetic_clip=str(tmp_path / "clip"),
                                        aesthetic_mlp=str(tmp_path / "mlp.pth")), "cpu")

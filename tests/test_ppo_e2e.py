@@ -14,9 +14,10 @@ from conftest import learning_seed, record_learning, run_script
 
 def tiny_args(assets, tmp_path, **overrides):
     """A tiny, fast configuration of ppo.Args on the offline assets."""
-    fields = dict(model=str(assets / "policy"), reward_model=str(assets / "reward"), dataset=str(assets / "prompts.jsonl"),
-                  output_dir=str(tmp_path / "run"), total_episodes=16, batch_size=8, mini_batch_size=4,
-                  gradient_accumulation_steps=2, response_length=8, ppo_epochs=2, learning_rate=1e-3, save_every=1)
+    fields = dict(model=str(assets / "policy"), reward_model=str(assets / "reward"),
+                  dataset=str(assets / "prompts.jsonl"), output_dir=str(tmp_path / "run"), total_episodes=16,
+                  batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, response_length=8, ppo_epochs=2,
+                  learning_rate=1e-3, save_every=1)
     fields.update(overrides)
     return ppo.Args(**fields)
 

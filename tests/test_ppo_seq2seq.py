@@ -64,7 +64,10 @@ def test_shared_helpers_are_identical_to_ppo():
 def test_same_flags_defaults_and_metric_names_as_ppo():
     ours, theirs = ({f.name: f for f in dataclasses.fields(m.Args)} for m in (s2s, ppo))
     assert set(ours) - set(theirs) == {"prompt_template"} and set(theirs) <= set(ours)
-    spec = lambda f: (f.type, f.default, f.default_factory)
+
+    def spec(field):
+        return field.type, field.default, field.default_factory
+
     differ = {name for name, f in theirs.items() if spec(f) != spec(ours[name])}
     assert differ == {"exp_name", "output_dir", "model"}, differ
     metric = re.compile(r'"((?:objective|losses|charts|perf|rewards)/\w*)')

@@ -6,13 +6,13 @@ import json
 import pytest
 
 from conftest import learning_seed, record_learning, run_script
-from utils.quickstart import KL_BUDGET
+from quickstart import KL_BUDGET
 
 
 @pytest.mark.slow
 def test_fast_quickstart_improves_the_independent_judge(tmp_path):
     out = tmp_path / "quickstart"
-    proc = run_script("-m", "utils.quickstart", "--fast", "--out", out, "--seed", learning_seed(1), timeout=1800)
+    proc = run_script("quickstart.py", "--fast", "--out", out, "--seed", learning_seed(1), timeout=1800)
     report = json.loads((out / "report.json").read_text())
     before, after = report["before"]["vader"]["mean"], report["after"]["vader"]["mean"]
     record_learning("quickstart_judge_rise", after - before, 0.1)
@@ -22,7 +22,7 @@ def test_fast_quickstart_improves_the_independent_judge(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000 and (out / "report.md").exists()
     assert "[sft] python sft.py" in proc.stdout  # each stage prints the command a user can rerun
     # idempotent: a second call skips every finished stage
-    again = run_script("-m", "utils.quickstart", "--fast", "--out", out, timeout=600)
+    again = run_script("quickstart.py", "--fast", "--out", out, timeout=600)
     assert again.stdout.count("done already") == 3
 
 
@@ -30,7 +30,7 @@ def test_readme_prints_the_quickstart_commands():
     from pathlib import Path
 
     from conftest import ROOT
-    from utils.quickstart import stage_commands
+    from quickstart import stage_commands
 
     readme = (ROOT / "README.md").read_text()
     block = readme[readme.index("## Quickstart") :].split("```")[1]

@@ -198,8 +198,8 @@ def test_resume_after_a_crash_continues_exactly(assets, tmp_path, pairs_file, mo
         reward.main(tiny_args(assets, tmp_path / "crash", pairs_file))
     monkeypatch.setattr(reward, "save_checkpoint", real_save)
     reward.main(tiny_args(assets, tmp_path / "crash", pairs_file, resume=True))
-    whole = [json.loads(l) for l in open(tmp_path / "whole" / "run" / "metrics.jsonl")]
-    resumed = [json.loads(l) for l in open(tmp_path / "crash" / "run" / "metrics.jsonl")]
+    whole = [json.loads(row) for row in open(tmp_path / "whole" / "run" / "metrics.jsonl")]
+    resumed = [json.loads(row) for row in open(tmp_path / "crash" / "run" / "metrics.jsonl")]
     keys = ("step", "losses/loss", "eval/accuracy", "eval/loss", "charts/learning_rate")
     assert [[m.get(k) for k in keys] for m in resumed] == [[m.get(k) for k in keys] for m in whole]
     a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "whole" / "run").state_dict()
@@ -327,7 +327,7 @@ def test_reward_model_learns_sentiment_preferences(assets, tmp_path, one_thread)
                        eval_dataset=str(tmp_path / "test.jsonl"), output_dir=str(tmp_path / "run"), max_steps=16,
                        batch_size=8, learning_rate=1e-4, lr_scheduler="constant", max_seq_length=128, eval_every=0,
                        save_every=1000, seed=seed)
-    metrics = [json.loads(l) for l in open(reward.main(args))]
+    metrics = [json.loads(row) for row in open(reward.main(args))]
     start, end = metrics[0], metrics[-1]
     record_learning("reward_eval_accuracy", end["eval/accuracy"], 0.85)
     assert end["eval/accuracy"] >= 0.85, (start["eval/accuracy"], end["eval/accuracy"])

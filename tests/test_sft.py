@@ -244,7 +244,10 @@ def test_chunked_loss_is_used_only_where_it_reproduces_the_logits(assets, tokeni
 
 
 def test_learning_rate_schedule_hand_computed():
-    lr = lambda step, schedule: sft.learning_rate_at(step, 10, 2, 1.0, schedule)
+
+    def lr(step, schedule):
+        return sft.learning_rate_at(step, 10, 2, 1.0, schedule)
+
     assert [lr(0, "cosine"), lr(1, "cosine"), lr(2, "cosine")] == [0.5, 1.0, 1.0]  # warmup, then the peak
     assert lr(6, "cosine") == pytest.approx(0.5)  # half-way through the decay: cos(pi/2) = 0
     assert lr(9, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
@@ -253,8 +256,8 @@ def test_learning_rate_schedule_hand_computed():
 
 
 def test_shared_helpers_are_identical_in_sft_and_reward():
-    for name in ("exact_div", "batch_indices", "learning_rate_at", "full_state_dicts", "save_checkpoint", "load_weights",
-                 "load_training_state"):
+    for name in ("exact_div", "batch_indices", "learning_rate_at", "full_state_dicts", "save_checkpoint",
+                 "load_weights", "load_training_state"):
         assert inspect.getsource(getattr(sft, name)) == inspect.getsource(getattr(reward, name)), name
 
 
@@ -320,8 +323,8 @@ def test_resume_after_a_crash_continues_exactly(assets, tmp_path, reviews, monke
         sft.main(tiny_args(assets, tmp_path / "crash", reviews))
     monkeypatch.setattr(sft, "save_checkpoint", real_save)
     sft.main(tiny_args(assets, tmp_path / "crash", reviews, resume=True))
-    whole = [json.loads(l) for l in open(tmp_path / "whole" / "run" / "metrics.jsonl")]
-    resumed = [json.loads(l) for l in open(tmp_path / "crash" / "run" / "metrics.jsonl")]
+    whole = [json.loads(row) for row in open(tmp_path / "whole" / "run" / "metrics.jsonl")]
+    resumed = [json.loads(row) for row in open(tmp_path / "crash" / "run" / "metrics.jsonl")]
     keys = ("step", "losses/loss", "eval/loss", "charts/learning_rate")
     assert [[m.get(k) for k in keys] for m in resumed] == [[m.get(k) for k in keys] for m in whole]
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "run").state_dict()
@@ -366,7 +369,7 @@ def test_sft_drives_held_out_loss_down_on_imdb(assets, tmp_path, one_thread):
                     output_dir=str(tmp_path / "run"),
                     max_steps=80, batch_size=16, learning_rate=3e-3, warmup_ratio=0.1, max_seq_length=128,
                     packing=True, eval_every=0, save_every=1000, seed=learning_seed(1))
-    metrics = [json.loads(l) for l in open(sft.main(args))]
+    metrics = [json.loads(row) for row in open(sft.main(args))]
     start, end = metrics[0]["eval/loss"], metrics[-1]["eval/loss"]
     record_learning("sft_eval_loss_drop", start - end, 1.25)
     assert start > 8.0 and end < start - 1.25, (start, end)

@@ -8,6 +8,7 @@ mode, so a cached copy still loads and anything else fails at once with a messag
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +21,20 @@ def quiet_libraries():
 
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+
+
+@contextmanager
+def quiet_load_report():
+    """Keep transformers' multi-line load report (missing / mismatched weights) and its warnings quiet while a
+    model whose new head is expected loads; the script says so in one line of its own."""
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
 
 
 class UserError(Exception):
@@ -83,19 +98,23 @@ def check_paths(*flags_and_names):
             raise UserError(f"{flag} {name!r}: no such file or folder")
 
 
+def first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else ""
+
+
 def explain(flag: str, name: str, err: Exception) -> UserError:
     local = Path(name).exists()
     if "trust_remote_code" in str(err):
         return UserError(f"{flag} {name!r} needs Python code from its repository to load: pass --trust-remote-code "
                          "if you trust that code (it runs on your machine)")
     if local:
-        why = f"the local path could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        why = f"the local path could not be loaded ({type(err).__name__}: {first_line(err)})"
     elif looks_like_path(name):
         return UserError(f"{flag} {name!r}: no such file or folder")
     elif not hub_reachable():
         why = "the Hugging Face hub cannot be reached, no cached copy was found, and it is no local file or folder"
     else:
-        why = f"it could not be loaded from the hub ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        why = f"it could not be loaded from the hub ({type(err).__name__}: {first_line(err)})"
     return UserError(
         f"{flag} {name!r}: {why}. Pass a local folder or file instead, e.g. build the offline assets with "
         f"`python -m utils.assets` and use {flag} tiny/... (see README, 'Offline')."

@@ -136,8 +136,9 @@ class Tracker:
         if track:
             import wandb
 
-            self.wandb = wandb.init(project=project, name=f"{args.exp_name}_{args.seed}", config=dataclasses.asdict(args),
-                                    dir=str(out_dir), id=f"{args.exp_name}-{args.seed}-{int(time.time())}")
+            self.wandb = wandb.init(project=project, name=f"{args.exp_name}_{args.seed}",
+                                    config=dataclasses.asdict(args), dir=str(out_dir),
+                                    id=f"{args.exp_name}-{args.seed}-{int(time.time())}")
 
     def log(self, stats: dict, **media):
         with disk_full_is_an_error(self.path.parent), open(self.path, "a") as f:
@@ -275,7 +276,8 @@ def prepare_output_dir(args, is_main: bool, may_change: tuple = ()) -> Optional[
     if not args.resume:
         return None
     if (out / "args.json").exists():
-        changed = changed_flags(args, json.loads((out / "args.json").read_text()), RESUME_MAY_CHANGE + tuple(may_change))
+        saved = json.loads((out / "args.json").read_text())
+        changed = changed_flags(args, saved, RESUME_MAY_CHANGE + tuple(may_change))
         if changed:
             raise UserError(f"--resume with flags that change the result: {'; '.join(changed)}. Rerun with the "
                             "run's own flags (see its args.json), or pass --overwrite to start again")
