@@ -15,14 +15,17 @@ def test_fast_quickstart_improves_the_independent_judge(tmp_path):
     proc = run_script("quickstart.py", "--fast", "--out", out, "--seed", learning_seed(1), timeout=1800)
     report = json.loads((out / "report.json").read_text())
     before, after = report["before"]["vader"]["mean"], report["after"]["vader"]["mean"]
-    record_learning("quickstart_judge_rise", after - before, 0.1)
-    assert after > before + 0.1, report
+    # The judge's mean over the 512 evaluation prompts has a standard error of ~0.016 (VADER's std ~0.355), so the
+    # rise of a policy that did not learn is 0 +- 0.022: 0.05 is 2.3 of those. (It was 0.1, set before any seed
+    # sweep: over seeds 1-10 the fast pipeline's rise was 0.089-0.159, so 0.1 failed on 2 seeds though PPO learned.)
+    record_learning("quickstart_judge_rise", after - before, 0.05)
+    assert after > before + 0.05, report
     assert report["after"]["reward_model"]["mean"] > report["before"]["reward_model"]["mean"]
     assert report["kl_after_vs_before"]["mean"] < KL_BUDGET  # the policy stays within the KL budget
     assert (out / "curves.png").stat().st_size > 10_000 and (out / "report.md").exists()
     assert "[sft] python sft.py" in proc.stdout  # each stage prints the command a user can rerun
     # idempotent: a second call skips every finished stage
-    again = run_script("quickstart.py", "--fast", "--out", out, timeout=600)
+    again = run_script("quickstart.py", "--fast", "--out", out, "--seed", learning_seed(1), timeout=600)
     assert again.stdout.count("done already") == 3
 
 
