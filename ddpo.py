@@ -571,7 +571,7 @@ def main(args: Args):
     diffusers.utils.logging.disable_progress_bar()
     # The output folder first (a run in it is never lost: --resume or --overwrite), then the model's path
     check_paths(("--model", args.model))
-    resume_from = prepare_output_dir(args, is_main, may_change=("num_epochs",))
+    resume_from = prepare_output_dir(args, is_main, length_flags=("num_epochs",))
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     torch.manual_seed(args.seed)  # LoRA's initial weights (the same on every process; DDP also broadcasts rank 0's)
 

@@ -59,7 +59,7 @@ class Args:
     """where checkpoints, metrics.jsonl and the final model go"""
     resume: bool = False
     """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
-    refused; these may differ: --total-episodes (a longer run; not with --anneal-lr), --save-every, --track,
+    refused; these may differ: --total-episodes (a longer run), --save-every, --track,
     --wandb-project, --exp-name, --output-dir, --device, --fsdp, --gradient-accumulation-steps"""
     overwrite: bool = False
     """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
@@ -822,7 +822,7 @@ def main(args: Args):
     # Everything the user gave is checked before any weights load: paths, the output folder (a run in it is never
     # lost: --resume or --overwrite), the reward functions, the tokenizer and the prompts
     check_paths(("--model", args.model), ("--reward-model", args.reward_model), ("--dataset", args.dataset))
-    resume_from = prepare_output_dir(args, is_main, may_change=() if args.anneal_lr else ("total_episodes",))
+    resume_from = prepare_output_dir(args, is_main, length_flags=("total_episodes",), scheduled=args.anneal_lr)
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     reward_fns = {spec: load_function(spec, "--reward-fn", REWARD_FUNCTIONS) for spec in args.reward_fn}
     remote = dict(trust_remote_code=args.trust_remote_code)

@@ -43,7 +43,7 @@ class Args:
     """where checkpoints, metrics.jsonl and the final model go"""
     resume: bool = False
     """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
-    refused; these may differ: --max-steps/--num-epochs (with --lr-scheduler constant and no warmup),
+    refused; these may differ: --max-steps/--num-epochs (a longer run; a warning if the schedule depends on it),
     --eval-every, --save-every, --track, --wandb-project, --exp-name, --output-dir, --device,
     --gradient-accumulation-steps, --gradient-checkpointing, --compile"""
     overwrite: bool = False
@@ -422,9 +422,9 @@ def main(args: Args):
     # Everything the user gave is checked before any weights load: paths, the output folder (a run in it is never
     # lost: --resume or --overwrite), the tokenizer, the model's config and the data
     check_paths(("--model", args.model), ("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset))
-    steps_may_change = args.lr_scheduler == "constant" and args.warmup_ratio == 0  # no schedule depends on them
-    resume_from = prepare_output_dir(args, is_main, may_change=("eval_every",) + (
-        ("max_steps", "num_epochs") if steps_may_change else ()))
+    scheduled = args.lr_scheduler != "constant" or args.warmup_ratio > 0  # the schedule depends on the length
+    resume_from = prepare_output_dir(args, is_main, length_flags=("max_steps", "num_epochs"), scheduled=scheduled,
+                                     may_change=("eval_every",))
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
 
     # Tokenizer, config, data, then the model

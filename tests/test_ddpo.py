@@ -421,8 +421,9 @@ def test_torchrun_run_resumes_in_one_process(ddp_runs, tmp_path):
     resumed = {}
     for name, out in (("two", two), ("one", one)):
         shutil.copytree(out, tmp_path / name)
+        prompts = json.loads((out / "args.json").read_text())["prompts"]  # the run's own (another file is refused)
         ddpo.main(tiny_args(str(tiny_sd.build(ROOT / "tiny" / "sd")), tmp_path / name, num_epochs=3, resume=True,
-                            **DDP_RUN))
+                            prompts=prompts, **DDP_RUN))
         resumed[name] = metrics(tmp_path / name)
     assert [r["epoch"] for r in resumed["two"]] == [1, 2, 3]
     assert_same_metrics(resumed["two"], resumed["one"])

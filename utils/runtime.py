@@ -240,14 +240,17 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "output_dir", "save_every", "track",
                      "fsdp", "gradient_accumulation_steps", "gradient_checkpointing", "compile", "loss_chunk_size")
 
 
-def prepare_output_dir(args, is_main: bool, may_change: tuple = ()) -> Optional[Path]:
+def prepare_output_dir(args, is_main: bool, length_flags: tuple = (), scheduled: bool = False,
+                       may_change: tuple = ()) -> Optional[Path]:
     """Check --output-dir before anything loads, and protect the run it may hold. Returns the checkpoint to resume
     from (None: start from scratch).
     - an existing file, or a folder that cannot be written to: refused;
     - a folder holding a run (args.json, metrics.jsonl or a checkpoint): refused unless --resume continues it or
       --overwrite replaces it (its checkpoints, metrics and args are deleted first);
-    - --resume with flags that change the result (anything but RESUME_MAY_CHANGE and the script's `may_change`,
-      e.g. a longer run): refused, naming them. Derived fields (tyro.conf.Suppress) are not compared."""
+    - --resume with flags that change the result (anything but RESUME_MAY_CHANGE, the run's length
+      `length_flags` and the script's `may_change`): refused, naming them. Derived fields (tyro.conf.Suppress) are
+      not compared. A longer (or shorter) run changes nothing done so far: allowed; when a learning-rate schedule
+      depends on the length (`scheduled`), one warning line says the steps to come follow the new schedule."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is an existing file, not a folder")
@@ -277,10 +280,15 @@ def prepare_output_dir(args, is_main: bool, may_change: tuple = ()) -> Optional[
         return None
     if (out / "args.json").exists():
         saved = json.loads((out / "args.json").read_text())
-        changed = changed_flags(args, saved, RESUME_MAY_CHANGE + tuple(may_change))
+        changed = changed_flags(args, saved, RESUME_MAY_CHANGE + tuple(length_flags) + tuple(may_change))
         if changed:
             raise UserError(f"--resume with flags that change the result: {'; '.join(changed)}. Rerun with the "
                             "run's own flags (see its args.json), or pass --overwrite to start again")
+        longer = [f for f in changed_flags(args, saved, RESUME_MAY_CHANGE + tuple(may_change)) if f not in changed]
+        if longer and scheduled and is_main:
+            print(f"warning: --resume with another run length ({'; '.join(longer)}): the learning-rate schedule "
+                  "depends on it, so the steps to come follow the new schedule (those done followed the old one)",
+                  file=sys.stderr)
     resume_from = complete_checkpoint(out / "checkpoint")
     if resume_from is None and is_main:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
