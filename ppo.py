@@ -818,14 +818,14 @@ def main(args: Args):
         raise UserError(f"--model {args.model!r} is an encoder-decoder model; use ppo_seq2seq.py for it")
     tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", **remote)
     check_tokenizer(tokenizer, config, "--model")  # no id past the embedding; pads with EOS if it has no pad token
-    context = getattr(config.get_text_config(), "max_position_embeddings", None)
-    longest = len(special_tokens(tokenizer)[0]) + args.prompt_max_tokens + args.response_length
-    if context and longest > context:
-        raise UserError(f"--prompt-max-tokens + --response-length = {longest} tokens (with special tokens) exceed "
-                        f"the model's context of {context} positions")
     dataset = load_dataset(args.dataset, args.dataset_split)
     prompts = build_prompts(dataset, tokenizer, args.dataset_text_field, args.prompt_min_tokens,
                             args.prompt_max_tokens, args.seed, args.prompt_truncation)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if context and longest + args.response_length > context:
+        raise UserError(f"the longest prompt ({longest} tokens) + --response-length {args.response_length} exceed the "
+                        f"model's context of {context} positions: lower --prompt-max-tokens or --response-length")
     gen_config, stop_id = make_generation_config(args, tokenizer)
 
     # Policy + value head, reference model

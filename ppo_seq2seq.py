@@ -833,11 +833,6 @@ def main(args: Args):
         raise UserError(f"--model {args.model!r} has no decoder_start_token_id in its config; set it there")
     tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", **remote)
     check_tokenizer(tokenizer, config, "--model")  # no id past the embedding; pads with EOS if it has no pad token
-    context = getattr(config.get_text_config(), "max_position_embeddings", None)  # None: relative positions (T5)
-    longest_query = len(tokenizer(args.prompt_template.replace("{text}", ""))["input_ids"]) + args.prompt_max_tokens
-    if context and max(longest_query, args.response_length + 1) > context:
-        raise UserError(f"--prompt-max-tokens with --prompt-template ({longest_query} tokens) or --response-length "
-                        f"{args.response_length} exceed the model's context of {context} positions")
     # Prompts (the texts' first tokens, decoded: what the reward model and functions see as the prompt), the
     # encoder inputs made from them with the template, and sampling
     dataset = load_dataset(args.dataset, args.dataset_split)
@@ -845,6 +840,11 @@ def main(args: Args):
                             args.prompt_max_tokens, args.seed, args.prompt_truncation)
     all_prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     all_queries = apply_template(all_prompt_texts, tokenizer, args.prompt_template)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)  # None: relative positions (T5)
+    longest = max(len(q) for q in all_queries)
+    if context and max(longest, args.response_length + 1) > context:
+        raise UserError(f"the longest encoder input ({longest} tokens, --prompt-template with the prompt) or "
+                        f"--response-length {args.response_length} exceed the model's context of {context} positions")
     gen_config, stop_id = make_generation_config(args, tokenizer, config.decoder_start_token_id)
 
     # Policy + value head, reference model
