@@ -26,9 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from utils.checkpoints import full_state_dicts, load_training_state, load_weights, save_checkpoint
 from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
                        quiet_load_report)
-from utils.runtime import (Tracker, atomic_dir, autocast, check_positive, cli, compile_blocks, distributed, fuse_gelu,
+from utils.runtime import (Tracker, autocast, check_positive, cli, compile_blocks, distributed, fuse_gelu,
                            init_distributed, mean_over_processes, peak_memory_mb, prepare_output_dir)
 
 
@@ -294,53 +295,6 @@ def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device, rank: int
     loss, accuracy, reward_gap, reward_mean = (sums / len(pairs)).tolist()
     return {"eval/loss": loss, "eval/accuracy": accuracy, "eval/reward_gap": reward_gap,
             "eval/reward_mean": reward_mean}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: HF-format model (or LoRA adapter) + tokenizer + training state, written atomically
-# ---------------------------------------------------------------------------------------------------------
-# The optimizer state is saved by parameter name, so a checkpoint resumes in one process or under DDP with any
-# number of processes that divides the batch. (These helpers are sft.py's, kept identical; reward.py has no FSDP.)
-def full_state_dicts(model, optimizer, fsdp: bool):
-    """(model weights, optimizer state by parameter name), unsharded: the weights only under FSDP (None otherwise:
-    the model holds them whole), the optimizer state only if an optimizer is given. Under FSDP every process must
-    call this (it gathers the shards to rank 0's CPU memory)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp, ignore_frozen_params=True)  # LoRA: no base
-    weights = get_model_state_dict(model, options=options) if fsdp else None
-    return weights, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
-
-
-def save_checkpoint(path: Path, model, tokenizer, state: tuple, step: int):
-    """HF-format model (or LoRA adapter) + tokenizer + optimizer state (from full_state_dicts), swapped into place
-    atomically. No RNG state: every step seeds itself (see main), so a resumed run is the uninterrupted one."""
-    weights, optimizer_state = state
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer_state}, tmp / "training_state.pt")
-
-
-def load_weights(path: Path, model):
-    """Load a checkpoint's weights (or LoRA adapter) into the model, before it is wrapped for DDP/FSDP."""
-    from peft import PeftModel, set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
-    if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, load_peft_weights(str(path)))
-    else:
-        model.load_state_dict(type(model).from_pretrained(path).state_dict())
-
-
-def load_training_state(path: Path, model, optimizer, fsdp: bool) -> int:
-    """Restore the optimizer state saved by save_checkpoint (no pickle: weights_only); returns the steps done."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)  # any device
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
-    return state["step"]
 
 
 # ---------------------------------------------------------------------------------------------------------
