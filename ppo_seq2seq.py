@@ -42,6 +42,7 @@ from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenc
                           GenerationConfig)
 
 from utils.data import special_tokens
+from utils.checkpoints import full_state_dicts
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
 from utils.runtime import (Tracker, all_gather, atomic_dir, autocast, call_reward_fn, check_positive, cli,
                            distributed, fuse_gelu, init_distributed, load_function, mean_over_processes,
@@ -714,18 +715,6 @@ def _mean(xs):
 # by parameter name, whole (gathered from the shards under FSDP): a checkpoint resumes in one process, under DDP
 # or under FSDP, with any number of processes that divides the batch.
 # ---------------------------------------------------------------------------------------------------------
-def full_state_dicts(policy, optimizer, fsdp: bool):
-    """(policy weights, optimizer state by parameter name), unsharded: the weights only under FSDP (None otherwise:
-    the model holds them whole), the optimizer state only if an optimizer is given. Under FSDP every process must
-    call this (it gathers the shards to rank 0's CPU memory)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=fsdp, cpu_offload=fsdp, ignore_frozen_params=True)  # LoRA: no base
-    weights = get_model_state_dict(policy, options=options) if fsdp else None
-    return weights, get_optimizer_state_dict(policy, optimizer, options=options) if optimizer else None
-
-
 def save_model(path: Path, policy, weights=None):
     """The LM in HF format (or its LoRA adapter) and the value head, from `weights` (full_state_dicts) if given."""
     weights = weights if weights is not None else policy.state_dict()

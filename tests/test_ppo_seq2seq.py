@@ -24,7 +24,7 @@ from conftest import ROOT, learning_seed, record_learning, run_script, torchrun
 SHARED = ["exact_div", "logprobs_of", "entropy_of", "masked_mean", "global_masked_mean", "masked_whiten",
           "kl_per_token", "full_kl_of", "shaped_rewards", "gae", "policy_loss", "value_loss", "KLController",
           "RunningMoments", "vader", "reward_vader", "reward_length", "reward_label_index", "score_with_model",
-          "build_prompts", "batch_indices", "right_pad", "truncate_after_stop", "full_state_dicts", "save_model",
+          "build_prompts", "batch_indices", "right_pad", "truncate_after_stop", "save_model",
           "save_checkpoint", "load_weights", "load_training_state",
           "distribute", "_mean"]
 # Decoder start tokens of the tiny assets, as in the real models: <pad> for T5, EOS for BART.

@@ -1,8 +1,9 @@
-"""Checkpoints of sft.py and reward.py: an HF-format model (or LoRA adapter) + tokenizer + training state, written
-atomically (utils.runtime.atomic_dir). The optimizer state is saved by parameter name, whole (gathered from the shards
-under FSDP), so a checkpoint resumes in one process, under DDP or under FSDP with any number of processes that
-divides the batch. No RNG state: every step seeds itself (see the scripts' main), so a resumed run is the
-uninterrupted one. (ppo.py and ppo_seq2seq.py also save a value head and their KL controller: their own copies.)"""
+"""Checkpoints of sft.py and reward.py (full_state_dicts serves ppo.py and ppo_seq2seq.py too): an HF-format
+model (or LoRA adapter) + tokenizer + training state, written atomically (utils.runtime.atomic_dir). The optimizer
+state is saved by parameter name, whole (gathered from the shards under FSDP), so a checkpoint resumes in one
+process, under DDP or under FSDP with any number of processes that divides the batch. No RNG state: every step
+seeds itself (see the scripts' main), so a resumed run is the uninterrupted one. (ppo.py and ppo_seq2seq.py also
+save a value head and their KL controller: their own save/load functions.)"""
 
 from pathlib import Path
 
