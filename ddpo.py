@@ -36,9 +36,11 @@ import tyro
 from PIL import Image
 from tqdm.auto import tqdm
 
+from utils.distributed import all_gather, distribute, finish, init_distributed, mean_over_processes
 from utils.hub import UserError, check_paths, from_pretrained, go_offline_if_unreachable, quiet_libraries
-from utils.runtime import Tracker, all_gather, atomic_dir, autocast, call_reward_fn, check_positive, cli, distributed, \
-    init_distributed, load_function, mean_over_processes, peak_memory_mb, prepare_output_dir
+from utils.rewards import call_reward_fn, load_function
+from utils.runtime import (Tracker, atomic_dir, autocast, check_positive, cli, exact_div, peak_memory_mb,
+                           prepare_output_dir)
 
 
 @dataclass
@@ -51,9 +53,7 @@ class Args:
     output_dir: str = "runs/ddpo"
     """where checkpoints, metrics.jsonl, sample grids (samples/) and the final model go"""
     resume: bool = False
-    """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
-    refused; these may differ: --num-epochs (a longer run), --save-every, --track, --wandb-project, --exp-name,
-    --output-dir, --device, --gradient-accumulation-steps"""
+    """continue the run in --output-dir from its checkpoint; these may differ: --num-epochs, speed/logging flags"""
     overwrite: bool = False
     """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 20
@@ -63,8 +63,7 @@ class Args:
     wandb_project: str = "rlhf-ddpo"
     """wandb project name"""
     device: str = "auto"
-    """cpu, cuda, cuda:1, ... ('auto': cuda if available; bf16 autocast on CUDA). Under torchrun: one GPU per
-    process, or 'cpu' for gloo"""
+    """cpu, cuda, cuda:1, ... ('auto': cuda if available; bf16 autocast on CUDA); torchrun: a GPU per process"""
 
     # model
     model: str = "runwayml/stable-diffusion-v1-5"
@@ -80,8 +79,7 @@ class Args:
     prompts: str = "animals"
     """'animals' (45 common animals, built in) or a text file with one prompt per line"""
     reward_fn: Annotated[str, tyro.conf.arg(aliases=("--reward",))] = "jpeg-compressibility"
-    """jpeg-compressibility, jpeg-incompressibility, aesthetic, or path/to/file.py:function called as
-    fn(images: list[PIL.Image], prompts: list[str]) -> one float per image"""
+    """jpeg-compressibility, jpeg-incompressibility, aesthetic, or file.py:fn(images, prompts) -> floats"""
     aesthetic_clip: str = "openai/clip-vit-large-patch14"
     """CLIP model of the aesthetic reward (hub id or folder)"""
     aesthetic_mlp: str = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
@@ -99,8 +97,7 @@ class Args:
     sample_batch_size: int = 8
     """images per sampling forward pass, over all processes (under torchrun each samples sample_batch_size / world)"""
     num_batches_per_epoch: int = 4
-    """sampling batches per epoch (the reference ran 8 GPUs x 8 images x 4 batches = 256 images per epoch:
-    --sample-batch-size 64 on 8 processes)"""
+    """sampling batches per epoch (the reference: 8 GPUs x 8 images x 4 batches = 256 images an epoch)"""
 
     # advantages
     per_prompt_stat_tracking: bool = True
@@ -145,12 +142,6 @@ class Args:
     """int(timestep_fraction * stochastic steps), filled once the scheduler is loaded"""
 
 
-def exact_div(a: int, b: int, what: str) -> int:
-    if b <= 0 or a % b:
-        raise UserError(f"{what}: {a} is not divisible by {b}")
-    return a // b
-
-
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes (per process for `world_size` processes)."""
     check_positive(args, "num_epochs", "sample_batch_size", "num_batches_per_epoch", "train_batch_size",
@@ -180,9 +171,7 @@ def check_args(args: Args, world_size: int = 1) -> Args:
     return args
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The policy: one stochastic DDIM step and its Gaussian log-probability
-# ---------------------------------------------------------------------------------------------------------
+# The policy: one stochastic DDIM step and its Gaussian log-probability ------------------------------------------------
 def ddim_alphas(scheduler, timesteps):
     """ᾱ_t and ᾱ_{t-1} of DDIM timesteps [batch] (ᾱ is "α" in the DDIM paper), each [batch].
     The step after the last has no entry in the table: its ᾱ is `final_alpha_cumprod`, which is 1 for schedulers
@@ -273,9 +262,7 @@ def policy_loss(log_prob, old_log_prob, advantages, cliprange: float):
     return loss, (clipped_losses > losses).float().mean(), ratio.mean(), 0.5 * (logratio**2).mean()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Advantages: rewards normalised per prompt (ddpo-pytorch's stat_tracking.py) or over the epoch
-# ---------------------------------------------------------------------------------------------------------
+# Advantages: rewards normalised per prompt (ddpo-pytorch's stat_tracking.py) or over the epoch ------------------------
 class PerPromptStatTracker:
     """Each prompt's last `buffer_size` rewards, kept across epochs. A prompt's advantages are its rewards
     standardised with its buffer's mean/std once the buffer holds `min_count` rewards, with the whole batch's
@@ -295,9 +282,7 @@ class PerPromptStatTracker:
         return advantages
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Rewards: functions (images: list of PIL images, prompts: list of str) -> one float per image
-# ---------------------------------------------------------------------------------------------------------
+# Rewards: functions (images: list of PIL images, prompts: list of str) -> one float per image -------------------------
 JPEG_QUALITY = 95  # as the reference: sizes compare across runs only at the same quality
 
 
@@ -366,9 +351,7 @@ def load_reward_fn(args: Args, device) -> Callable:
     return load_function(args.reward_fn, "--reward-fn", REWARD_FUNCTIONS | {"aesthetic": None})  # named in errors
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Prompts, sampling, images
-# ---------------------------------------------------------------------------------------------------------
+# Prompts, sampling, images --------------------------------------------------------------------------------------------
 # 45 common animals, like the paper's prompt set for aesthetic quality (its compressibility runs drew from the 398
 # ImageNet animal classes: write them to a file, one per line, and pass --prompts file.txt)
 ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox wolf lizard "
@@ -449,9 +432,7 @@ def save_grid(images: list[Image.Image], path: Path, columns: int = 4):
     grid.save(path)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training: PPO-clip over the recorded trajectories
-# ---------------------------------------------------------------------------------------------------------
+# Training: PPO-clip over the recorded trajectories --------------------------------------------------------------------
 def train_on_samples(args: Args, unet, scheduler, optimizer, params, ema_params, samples, negative_embeds,
                      trainable_steps, generator, device) -> dict:
     """--ppo-epochs passes over one epoch's samples (DDPO_IS with clipping). Each pass shuffles the samples and,
@@ -504,9 +485,7 @@ def train_on_samples(args: Args, unet, scheduler, optimizer, params, ema_params,
     return mean_over_processes({f"losses/{k}": sum(v) / len(v) for k, v in stats.items()}, device)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: weights diffusers loads + training state, written atomically
-# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: weights diffusers loads + training state, written atomically --------------------------------------------
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as the reference
 
 
@@ -557,9 +536,7 @@ def load_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params)
     return state["epoch"]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------------------------
+# Training loop --------------------------------------------------------------------------------------------------------
 def main(args: Args):
     device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
     args = check_args(args, world_size)
@@ -629,10 +606,7 @@ def main(args: Args):
         start_epoch = load_checkpoint(resume_from, pipe, args.lora_r > 0, optimizer, stat_tracker, ema_params)
         if is_main:
             print(f"resumed from {resume_from} after epoch {start_epoch}")
-    ddp_unet = pipe.unet  # under torchrun: gradients all-reduced (averaged) by DDP in the backward pass
-    if world_size > 1:
-        ddp_unet = nn.parallel.DistributedDataParallel(pipe.unet,
-                                                       device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_unet = distribute(pipe.unet, device, fsdp=False)  # under torchrun: DDP averages gradients in the backward
 
     # Outputs: args.json + metrics.jsonl (+ wandb with --track), a grid of samples per epoch
     if is_main:
@@ -716,9 +690,7 @@ def main(args: Args):
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
             save_checkpoint(ckpt_dir, pipe, args.lora_r > 0, optimizer, stat_tracker, ema_params, epoch + 1)
 
-    if distributed():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish()  # under torchrun: wait for rank 0's last checkpoint, then leave the process group
     if not is_main:
         return None
     # Final model in the output folder (the EMA weights when --ema-decay is set)

@@ -2,9 +2,9 @@
 
 Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences" (KL-shaped reward, adaptive KL),
 with PPO (Schulman et al. 2017) and GAE (Schulman et al. 2016). Semantics follow TRL's PPOTrainer with its
-value-head model (trl <= 0.11, AutoModelForCausalLMWithValueHead; "the seed library" below) so results compare.
-Read top to bottom: arguments, model wrapper, numeric helpers (each tested), rewards, the PPO step (usable as a
-library: `ppo_step`), checkpoints, and the training loop in `main`.
+value-head model (trl <= 0.11, AutoModelForCausalLMWithValueHead) so results compare. Read top to bottom:
+arguments, model wrapper, numeric helpers (each tested), rollout, the PPO step (a library function: `ppo_step`)
+and the loop in `main`. Plumbing (checkpoints, torchrun, reward sources, prompts) is in utils/.
 
     python ppo.py --model gpt2 --reward-model lvwerra/distilbert-imdb
     python ppo.py --model tiny/policy --reward-model tiny/reward --dataset tiny/prompts.jsonl   # offline
@@ -14,30 +14,29 @@ library: `ppo_step`), checkpoints, and the training loop in `main`.
 
 import copy
 import dataclasses
-import functools
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          GenerationConfig)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from utils.data import special_tokens
-from utils.checkpoints import full_state_dicts
+from utils.checkpoints import full_state_dicts, load_training_state, load_weights, save_checkpoint, save_final_model
+from utils.distributed import (all_gather, distribute, distributed, finish, init_distributed, mean_over_processes,
+                               unwrap)
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import (Tracker, all_gather, atomic_dir, autocast, call_reward_fn, check_positive, cli,
-                           distributed, fuse_gelu, init_distributed, load_function, mean_over_processes,
-                           peak_memory_mb, prepare_output_dir)
+from utils.prompts import batch_indices, build_prompts, check_context, left_pad, right_pad, sample, stop_token_id
+from utils.models import add_lora, fuse_gelu
+from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
+from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
 
 @dataclass
@@ -50,9 +49,7 @@ class Args:
     output_dir: str = "runs/ppo"
     """where checkpoints, metrics.jsonl and the final model go"""
     resume: bool = False
-    """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
-    refused; these may differ: --total-episodes (a longer run), --save-every, --track,
-    --wandb-project, --exp-name, --output-dir, --device, --fsdp, --gradient-accumulation-steps"""
+    """continue the run in --output-dir from its checkpoint; these may differ: --total-episodes, speed/logging flags"""
     overwrite: bool = False
     """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 10
@@ -64,8 +61,7 @@ class Args:
     device: str = "auto"
     """cpu, cuda, cuda:1, ... ('auto': cuda if available)"""
     fsdp: bool = False
-    """under torchrun: shard the policy, value head, reference model and Adam state over the processes (FSDP)
-    instead of keeping a full copy on each (DDP), for models that do not fit one device"""
+    """under torchrun: shard policy, value head, reference and Adam state over processes (FSDP), not copy (DDP)"""
 
     # models and data
     model: str = "gpt2"
@@ -75,8 +71,7 @@ class Args:
     reward_label: str = "POSITIVE"
     """label whose logit is the score, by name or index (ignored for 1-output reward models)"""
     reward_fn: list[str] = dataclasses.field(default_factory=list)
-    """reward functions fn(prompts, completions, completion_ids) -> floats: built-in names (vader, length) or
-    path/to/file.py:function or module:function; several are added up"""
+    """reward functions fn(prompts, completions, completion_ids) -> floats: vader, length, file.py:fn, module:fn"""
     reward_weights: Optional[list[float]] = None
     """weights of the rewards, in order: --reward-model (if any), then each --reward-fn (default: all 1)"""
     trust_remote_code: bool = False
@@ -92,8 +87,7 @@ class Args:
     prompt_max_tokens: int = 8
     """longest prompt (tokens)"""
     prompt_truncation: bool = True
-    """cut each text to its first [min, max] tokens (IMDB-style prompts); --no-prompt-truncation: each whole
-    text is a prompt, texts outside [min, max] tokens are dropped"""
+    """prompts are each text's first [min, max] tokens; --no-prompt-truncation: whole texts within [min, max]"""
 
     # rollout
     response_length: int = 24
@@ -113,7 +107,7 @@ class Args:
     kl_estimator: Literal["kl", "abs", "mse", "full"] = "kl"
     """per-token KL estimate: kl=log p-log q, abs=|.|, mse=0.5(.)^2, full=exact KL over the vocabulary"""
     kl_coef: float = 0.2
-    """initial KL coefficient (beta)"""
+    """initial KL coefficient (the papers' beta; kl_coef in code and metrics)"""
     adaptive_kl: bool = True
     """adapt the KL coefficient towards --kl-target (Ziegler et al. 2019, sec. 2.2)"""
     kl_target: float = 6.0
@@ -180,12 +174,6 @@ class Args:
     """episodes per forward/backward on this process = local_mini_batch_size / gradient_accumulation_steps"""
 
 
-def exact_div(a: int, b: int, what: str) -> int:
-    if b <= 0 or a % b:
-        raise UserError(f"{what}: {a} is not divisible by {b}")
-    return a // b
-
-
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes."""
     check_positive(args, "total_episodes", "batch_size", "mini_batch_size", "gradient_accumulation_steps",
@@ -200,14 +188,7 @@ def check_args(args: Args, world_size: int = 1) -> Args:
     args.local_mini_batch_size = exact_div(args.mini_batch_size, world_size, "--mini-batch-size / processes")
     args.micro_batch_size = exact_div(args.local_mini_batch_size, args.gradient_accumulation_steps,
                                       "--mini-batch-size / processes / --gradient-accumulation-steps")
-    if args.reward_model in (None, "none", ""):
-        args.reward_model = None
-    n_rewards = (args.reward_model is not None) + len(args.reward_fn)
-    if n_rewards == 0:
-        raise UserError("no reward: give --reward-model, --reward-fn, or both (scores are added)")
-    if args.reward_weights is not None and len(args.reward_weights) != n_rewards:
-        raise UserError(f"--reward-weights has {len(args.reward_weights)} values for {n_rewards} rewards "
-                        "(--reward-model, if any, then each --reward-fn)")
+    args.reward_model = check_reward_flags(args.reward_model, args.reward_fn, args.reward_weights)
     if not 1 <= args.prompt_min_tokens <= args.prompt_max_tokens:
         raise UserError("need 1 <= --prompt-min-tokens <= --prompt-max-tokens")
     if args.temperature <= 0:
@@ -221,9 +202,7 @@ def check_args(args: Args, world_size: int = 1) -> Args:
     return args
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Model: the policy LM with a scalar value head on its last hidden state (one forward gives both)
-# ---------------------------------------------------------------------------------------------------------
+# Model: the policy LM with a scalar value head on its last hidden state (one forward gives both) ----------------------
 class PolicyAndValue(nn.Module):
     def __init__(self, lm: nn.Module, hidden_size: int):
         super().__init__()
@@ -235,10 +214,8 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, query_responses, attention_mask, context_length: int, temperature: float):
         """Logits (divided by temperature) and values at the positions that predict each response token.
-
         query_responses: [batch, context_length + response_len], queries left-padded, responses right-padded.
-        Returns logits [batch, response_len, vocab] and values [batch, response_len].
-        """
+        Returns logits [batch, response_len, vocab] and values [batch, response_len]."""
         logits, hidden = lm_forward(self.lm, query_responses, attention_mask, context_length, hidden=True)
         values = self.v_head(hidden).squeeze(-1)  # shape: [batch, response_len]
         return logits / temperature, values
@@ -268,9 +245,7 @@ def entropy_of(logits):
     return -(logp.exp() * logp).sum(-1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Numeric helpers of the algorithm (each tested against hand-computed values in tests/test_ppo_math.py)
-# ---------------------------------------------------------------------------------------------------------
+# Numeric helpers of the algorithm (each tested against hand-computed values in tests/test_ppo_math.py) ----------------
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum()
 
@@ -315,7 +290,7 @@ def full_kl_of(logits, ref_logits):
 
 
 def shaped_rewards(scores, kl, kl_coef: float, response_mask):
-    """Per-token reward r_t = -beta * KL_t, plus the sequence score at the last real response token
+    """Per-token reward r_t = -kl_coef * KL_t, plus the sequence score at the last real response token
     (Ziegler et al. 2019, eq. 2). scores [batch], kl/response_mask [batch, len] -> rewards [batch, len]."""
     rewards = -kl_coef * kl * response_mask
     last = response_mask.sum(1).long() - 1  # index of the last real token; every response has >= 1 token
@@ -362,16 +337,16 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float):
 
 
 class KLController:
-    """Adaptive KL coefficient (Ziegler et al. 2019, sec. 2.2): beta <- beta * (1 + K_beta * e * n / horizon),
-    e = clip(KL / KL_target - 1, -0.2, 0.2), K_beta = 1. With adaptive=False beta stays fixed."""
+    """Adaptive KL coefficient (Ziegler et al. 2019, sec. 2.2, their beta): kl_coef <- kl_coef * (1 + K * e * n /
+    horizon), e = clip(KL / KL_target - 1, -0.2, 0.2), K = 1. With adaptive=False kl_coef stays fixed."""
 
-    def __init__(self, value: float, target: float, horizon: int, adaptive: bool = True):
-        self.value, self.target, self.horizon, self.adaptive = value, target, horizon, adaptive
+    def __init__(self, kl_coef: float, target: float, horizon: int, adaptive: bool = True):
+        self.kl_coef, self.target, self.horizon, self.adaptive = kl_coef, target, horizon, adaptive
 
     def update(self, current_kl: float, n_steps: int):
         if self.adaptive:
             proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
-            self.value *= 1 + proportional_error * n_steps / self.horizon
+            self.kl_coef *= 1 + proportional_error * n_steps / self.horizon
 
 
 class RunningMoments:
@@ -391,116 +366,7 @@ class RunningMoments:
         return math.sqrt(self.var * self.count / max(self.count - 1, 1))  # unbiased
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Rewards: a sequence classifier (its own tokenizer) and/or a Python function; scores are added
-# ---------------------------------------------------------------------------------------------------------
-@functools.cache
-def vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
-
-
-def reward_vader(prompts, completions, completion_ids):
-    """VADER compound sentiment of the completion, in [-1, 1] (a rule-based sentiment judge)."""
-    return [vader().polarity_scores(c)["compound"] for c in completions]
-
-
-def reward_length(prompts, completions, completion_ids):
-    """Number of completion tokens (rewards long answers; try it with --missing-eos-penalty)."""
-    return [float(len(ids)) for ids in completion_ids]
-
-
-REWARD_FUNCTIONS = {"vader": reward_vader, "length": reward_length}
-
-
-def reward_label_index(config, label: str) -> int:
-    """Which logit of a multi-label classifier is the score: a label name (any case) or an index."""
-    if config.num_labels == 1:
-        return 0
-    names = {str(v).lower(): int(k) for k, v in config.id2label.items()}
-    if label.lower() in names:
-        return names[label.lower()]
-    if label.lstrip("-").isdigit() and -config.num_labels <= int(label) < config.num_labels:
-        return int(label) % config.num_labels
-    raise UserError(f"--reward-label {label!r} is not a label of the reward model, whose labels are "
-                    f"{dict(config.id2label)}; pass one of those names or an index")
-
-
-@torch.no_grad()
-def score_with_model(reward_model, reward_tokenizer, texts, label_index: int, batch_size: int, device):
-    """Score texts with a sequence classifier (its own tokenizer: we pass decoded text, never policy ids)."""
-    scores = []
-    for i in range(0, len(texts), batch_size):
-        enc = reward_tokenizer(texts[i : i + batch_size], padding=True, truncation=True, return_tensors="pt")
-        with autocast(device):
-            logits = reward_model(**enc.to(device)).logits  # shape: [batch, num_labels]
-        scores.append(logits[:, label_index].float().cpu())
-    return torch.cat(scores)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data and rollout
-# ---------------------------------------------------------------------------------------------------------
-def build_prompts(dataset, tokenizer, text_field: str, min_tokens: int, max_tokens: int, seed: int,
-                  truncate: bool = True):
-    """Tokenize each text and keep its first L tokens, L ~ U[min, max] drawn with a fixed generator (truncate),
-    or the whole text (not truncate). Texts shorter than min_tokens (or, whole, longer than max_tokens) are
-    dropped. A nested field is named with dots (prompt.text). The tokens the tokenizer puts before a text (a
-    Llama/Mistral BOS) lead each prompt, as sft.py trained on them (not counted in L). Returns 1-D LongTensors."""
-    if text_field not in dataset.column_names and "." in text_field:
-        dataset = dataset.flatten()  # struct columns become "prompt.text", ...
-    if text_field not in dataset.column_names:
-        raise UserError(f"--dataset has no column {text_field!r}; its columns are {dataset.column_names} "
-                        "(set --dataset-text-field)")
-    if len(dataset) == 0:
-        raise UserError("--dataset is empty: there is nothing to make prompts from")
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(min_tokens, max_tokens + 1, (len(dataset),), generator=generator).tolist()
-    texts = [t if isinstance(t, str) else "" for t in dataset[text_field]]
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    bos = special_tokens(tokenizer)[0]  # [] for GPT-2, [<s>] for Llama; no EOS: the prompt is to be continued
-    if not truncate:
-        lengths = [max_tokens if len(ids) <= max_tokens else -1 for ids in token_ids]  # -1: too long, dropped
-    prompts = [torch.tensor(bos + ids[:n]) for ids, n in zip(token_ids, lengths) if len(ids) >= min_tokens and n >= 0]
-    if not prompts:
-        raise UserError(f"no text in --dataset column {text_field!r} has at least {min_tokens} tokens"
-                        + ("" if truncate else f" and at most {max_tokens} (--prompt-max-tokens)"))
-    return prompts
-
-
-def batch_indices(iteration: int, batch_size: int, n: int, seed: int):
-    """Prompt indices of an iteration: consecutive slices of an endless stream of seeded permutations, so a
-    resumed run sees exactly the prompts an uninterrupted one would."""
-    start, out = iteration * batch_size, []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return out
-
-
-def left_pad(sequences, pad_id: int):
-    """List of 1-D tensors -> left-padded [batch, max_len] ids and attention mask."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if len(s):
-            ids[i, width - len(s) :], mask[i, width - len(s) :] = s, 1
-    return ids, mask
-
-
-def right_pad(sequences, pad_id: int):
-    """List of 1-D tensors -> right-padded [batch, max_len] ids and mask."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)], mask[i, : len(s)] = s, 1
-    return ids, mask
-
-
+# Rollout --------------------------------------------------------------------------------------------------------------
 def truncate_after_stop(responses, stop_id: Optional[int]):
     """Cut each generated response after its first stop token (kept: emitting it was an action).
     responses [batch, len] -> (list of 1-D tensors, bool tensor [batch]: did the response stop)."""
@@ -515,40 +381,21 @@ def truncate_after_stop(responses, stop_id: Optional[int]):
 def make_generation_config(args: Args, tokenizer):
     """Sampling from the full distribution at --temperature (no top-k/top-p unless asked), stopping after
     --stop-token. Returns the config and the stop token id (None: responses always run to full length)."""
-    if args.stop_token in (None, "none"):
-        stop_id = None
-    elif args.stop_token == "eos":
-        stop_id = tokenizer.eos_token_id
-    else:
-        ids = tokenizer(args.stop_token, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise UserError(f"--stop-token {args.stop_token!r} is {len(ids)} tokens for this tokenizer; it must be one")
-        stop_id = ids[0]
+    stop_id = stop_token_id(tokenizer, args.stop_token)
     gen_config = GenerationConfig(
         max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, eos_token_id=stop_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
     return gen_config, stop_id
 
 
-@torch.no_grad()
 def generate(lm, queries, pad_id: int, gen_config: GenerationConfig, device, synced: bool = False):
-    """Sample responses for a list of queries. Our generation config replaces the model's own for the call
-    (transformers would otherwise fill our unset fields, e.g. eos_token_id=None, from the model's config).
-    synced: every process runs the same number of decoding steps (FSDP: each step gathers weights together)."""
+    """Sample a response for each query (left-padded: every prompt is continued at the same position). synced: every
+    process runs the same number of decoding steps (FSDP)."""
     ids, mask = left_pad(queries, pad_id)
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    saved, base.generation_config = base.generation_config, gen_config
-    try:
-        with autocast(device):
-            out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), synced_gpus=synced)
-    finally:
-        base.generation_config = saved
-    return out[:, ids.shape[1] :].cpu()  # shape: [batch, <= response_length]
+    return sample(lm, ids, mask, gen_config, device, synced)[:, ids.shape[1] :]  # shape: [batch, <= response_length]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The PPO step: (queries, responses, scores) -> one PPO update. The script's loop and library users call it.
-# ---------------------------------------------------------------------------------------------------------
+# The PPO step: (queries, responses, scores) -> one PPO update. The script's loop and library users call it. -----------
 def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, responses, scores,
              kl_ctl: KLController, score_moments: Optional[RunningMoments] = None, pad_id: int = 0,
              generator: Optional[torch.Generator] = None) -> dict:
@@ -561,7 +408,7 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     share of the batch.
     Returns a dict of statistics (averaged over processes). Updates policy, optimizer and kl_ctl in place.
     """
-    model = policy.module if isinstance(policy, nn.parallel.DistributedDataParallel) else policy
+    model = unwrap(policy)
     device = next(model.parameters()).device
     batch_size = len(queries)
     if not (len(responses) == len(scores) == batch_size) or any(len(r) == 0 for r in responses):
@@ -613,8 +460,9 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     full_kl = torch.cat(full_kl) if full_kl else None
 
     # 3. KL-shaped rewards, GAE, whitened advantages (all over real response tokens only)
+    kl_coef = kl_ctl.kl_coef  # this iteration's; the controller updates it at the end
     kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator, full_kl) * response_mask
-    rewards = shaped_rewards(scores.to(device), kl, kl_ctl.value, response_mask)
+    rewards = shaped_rewards(scores.to(device), kl, kl_coef, response_mask)
     advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
     advantages = masked_whiten(advantages, response_mask) * response_mask
     sequence_kl = ((logprobs - ref_logprobs) * response_mask).sum(1)  # k1 estimate per sequence, for stats
@@ -659,13 +507,12 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
                 grad_norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item())  # FSDP
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if args.target_kl is not None and mean_over_processes({"kl": _mean(epoch_kls)}, device)["kl"] > args.target_kl:
+        if args.target_kl is not None and mean_over_processes({"kl": fmean(epoch_kls)}, device)["kl"] > args.target_kl:
             break  # early stopping (decided together by all processes): the policy moved far enough
     train_time = time.perf_counter() - start
 
     # 5. Adaptive KL update and statistics
     mean_kl = global_masked_mean(sequence_kl, torch.ones_like(sequence_kl)).item()
-    kl_coef_used = kl_ctl.value
     kl_ctl.update(mean_kl, batch_size * args.world_size)
     real = response_mask.bool()
     var_returns = returns[real].var(unbiased=False)
@@ -675,17 +522,17 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
         "objective/scores": raw_scores.mean().item(),
         "objective/scores_std": raw_scores.std().item() if batch_size > 1 else 0.0,
         "objective/kl": mean_kl,
-        "objective/kl_coef": kl_coef_used,
-        "objective/non_score_reward": (-kl_coef_used * kl).sum(1).mean().item(),
+        "objective/kl_coef": kl_coef,
+        "objective/non_score_reward": (-kl_coef * kl).sum(1).mean().item(),
         "objective/entropy": masked_mean(entropy, response_mask).item(),
-        "losses/policy_loss": _mean(policy_losses),
-        "losses/value_loss": _mean(value_losses),
-        "losses/approx_kl": _mean(approx_kls),
-        "losses/clipfrac": _mean(clipfracs),
-        "losses/value_clipfrac": _mean(value_clipfracs),
-        "losses/ratio_mean": _mean(ratios),
+        "losses/policy_loss": fmean(policy_losses),
+        "losses/value_loss": fmean(value_losses),
+        "losses/approx_kl": fmean(approx_kls),
+        "losses/clipfrac": fmean(clipfracs),
+        "losses/value_clipfrac": fmean(value_clipfracs),
+        "losses/ratio_mean": fmean(ratios),
         "losses/explained_variance": explained_var,
-        "losses/grad_norm": _mean(grad_norms) if grad_norms else float("nan"),
+        "losses/grad_norm": fmean(grad_norms) if grad_norms else float("nan"),
         "losses/skipped_micro_batches": float(skipped),  # (a float: averaged over processes)
         "losses/epochs": epoch + 1,
         "charts/response_length": response_mask.sum(1).mean().item(),
@@ -693,176 +540,75 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     }, device)
 
 
-def _mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
+# Training -------------------------------------------------------------------------------------------------------------
+def load_inputs(args: Args):
+    """Everything the user gave, checked before any weights load: the reward functions, the model's config and
+    tokenizer, the prompts (and that the longest + a response fit the model's context) and the sampling settings."""
+    reward_fns = load_reward_fns(args.reward_fn)
+    config = from_pretrained(AutoConfig, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    if config.is_encoder_decoder:
+        raise UserError(f"--model {args.model!r} is an encoder-decoder model; use ppo_seq2seq.py for it")
+    tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    check_tokenizer(tokenizer, config, "--model")  # no id past the embedding; pads with EOS if it has no pad token
+    prompts = build_prompts(load_dataset(args.dataset, args.dataset_split), tokenizer, args.dataset_text_field,
+                            args.prompt_min_tokens, args.prompt_max_tokens, args.seed, args.prompt_truncation)
+    longest = max(len(p) for p in prompts)
+    check_context(config, longest + args.response_length,
+                  f"the longest prompt ({longest} tokens) + --response-length {args.response_length}")
+    gen_config, stop_id = make_generation_config(args, tokenizer)
+    return tokenizer, prompts, reward_fns, gen_config, stop_id
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: HF-format policy + value head + training state, written atomically. The optimizer state is saved
-# by parameter name, whole (gathered from the shards under FSDP): a checkpoint resumes in one process, under DDP
-# or under FSDP, with any number of processes that divides the batch.
-# ---------------------------------------------------------------------------------------------------------
-def save_model(path: Path, policy, weights=None):
-    """The LM in HF format (or its LoRA adapter) and the value head, from `weights` (full_state_dicts) if given."""
-    weights = weights if weights is not None else policy.state_dict()
-
-    def part(prefix):  # the weights whose names start with `prefix`, named without it
-        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-
-    policy.lm.save_pretrained(path, state_dict=part("lm."))
-    save_file({k: v.contiguous() for k, v in part("v_head.").items()}, path / "value_head.safetensors")
-
-
-def save_checkpoint(path: Path, policy, tokenizer, state: tuple, kl_ctl, score_moments, iteration):
-    """Policy + value head + tokenizer + training state (state: full_state_dicts' pair), swapped in atomically."""
-    weights, optimizer_state = state
-    with atomic_dir(path) as tmp:
-        save_model(tmp, policy, weights)
-        tokenizer.save_pretrained(tmp)
-        torch.save({
-            "iteration": iteration, "optimizer": optimizer_state, "kl_coef": kl_ctl.value,
-            "score_moments": [score_moments.mean, score_moments.var, score_moments.count],
-        }, tmp / "training_state.pt")  # no RNG state: every iteration seeds itself (see main)
+def make_policy(args: Args, device, resume_from: Optional[Path]):
+    """The policy (LM + value head, LoRA adapters if asked), the module that trains it (under torchrun: DDP's wrapper,
+    or the policy sharded in place by FSDP; else the policy) and the frozen reference model (None under LoRA: the
+    policy with its adapters disabled is the reference, no second copy in memory)."""
+    torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
+    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2, T5 v1.1)
+    ref_lm = None if args.lora_r > 0 else copy.deepcopy(lm).requires_grad_(False).to(device).eval()
+    lm = add_lora(lm, args, task_type="CAUSAL_LM")
+    policy = PolicyAndValue(lm, lm.config.get_text_config().hidden_size).to(device)
+    # Dropout off in rollout *and* training (eval mode throughout, as TRL's PPOTrainer): the log-probs of the update
+    # then equal the rollout's exactly at the first step, so the ratio starts at 1.
+    policy.eval()
+    if resume_from is not None:
+        load_weights(resume_from, policy)
+    ones = torch.ones(1, 2, dtype=torch.long, device=device)  # a 1-token query and 1-token response
+    train_policy = distribute(policy, device, args.fsdp, lms=(policy.lm, ref_lm) if ref_lm else (policy.lm,),
+                              units=(policy.v_head,), example_inputs=(ones, ones, 1, 1.0))
+    return policy, train_policy, ref_lm
 
 
-def load_weights(path: Path, policy):
-    """Load a checkpoint's LM weights (or LoRA adapter) and value head, before the policy is wrapped/sharded."""
-    from peft import PeftModel, set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
-    if isinstance(policy.lm, PeftModel):
-        set_peft_model_state_dict(policy.lm, load_peft_weights(str(path)))
-    else:
-        policy.lm.load_state_dict(type(policy.lm).from_pretrained(path).state_dict())
-    policy.v_head.load_state_dict(load_file(path / "value_head.safetensors"))
-
-
-def load_training_state(path: Path, policy, optimizer, kl_ctl, score_moments, fsdp: bool) -> int:
-    """Restore the optimizer and controller state saved by save_checkpoint (no pickle: weights_only); returns the
-    iterations done."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)  # any device
-    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=fsdp))
-    kl_ctl.value = state["kl_coef"]
-    score_moments.mean, score_moments.var, score_moments.count = state["score_moments"]
-    return state["iteration"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Distributed training: DDP or FSDP under torchrun
-# ---------------------------------------------------------------------------------------------------------
-def distribute(policy, ref_lm, args: Args, device, example_inputs: tuple):
-    """Under torchrun: DDP keeps a whole copy of the policy on each process and averages the gradients during the
-    backward pass; FSDP (--fsdp) splits each transformer block's parameters (policy and reference), gradients and
-    optimizer state over the processes and gathers a block's weights only while it computes. In one process: the
-    policy itself. Returns the policy to train (the DDP wrapper, or the policy sharded in place). example_inputs:
-    arguments of one tiny forward of the policy."""
-    if args.world_size == 1:
-        return policy
-    if not args.fsdp:
-        return nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")  # never edited in place
-    for lm in (policy.lm, ref_lm):
-        if lm is None:  # LoRA: the reference is the policy with adapters off
-            continue
-        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        blocks = set(getattr(base, "_no_split_modules", None) or [])  # the model's layer classes, e.g. GPT2Block
-        for module in lm.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module)  # one all-gather per block: only one block's full weights exist at a time
-        fully_shard(lm)  # embeddings, final norm, head
-        # generate (of peft's wrapper, or an encoder-decoder's encoder) calls modules outside lm's forward: gather
-        # lm's own weights for the whole call
-        register_fsdp_forward_method(lm, "generate")
-    # The value head is a unit of its own: inside the root (which keeps its weights gathered after forward) its
-    # gradients went unreduced after a no_grad forward followed by a training one (seen with torch 2.13).
-    fully_shard(policy.v_head)
-    fully_shard(policy)
-    # FSDP takes the first module to run forward as its root: make it the policy, before generation calls the LM
-    with torch.no_grad():
-        policy(*example_inputs)
-    return policy
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------------
 def main(args: Args):
     device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
     args = check_args(args, world_size)
     is_main = rank == 0  # only the first process logs, tracks and saves
     quiet_libraries()
-    # Everything the user gave is checked before any weights load: paths, the output folder (a run in it is never
-    # lost: --resume or --overwrite), the reward functions, the tokenizer and the prompts
+    # Checked before any weights load: paths, the output folder (--resume/--overwrite), then load_inputs
     check_paths(("--model", args.model), ("--reward-model", args.reward_model), ("--dataset", args.dataset))
     resume_from = prepare_output_dir(args, is_main, length_flags=("total_episodes",), scheduled=args.anneal_lr)
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
-    reward_fns = {spec: load_function(spec, "--reward-fn", REWARD_FUNCTIONS) for spec in args.reward_fn}
-    remote = dict(trust_remote_code=args.trust_remote_code)
-    config = from_pretrained(AutoConfig, args.model, "--model", **remote)
-    if config.is_encoder_decoder:
-        raise UserError(f"--model {args.model!r} is an encoder-decoder model; use ppo_seq2seq.py for it")
-    tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", **remote)
-    check_tokenizer(tokenizer, config, "--model")  # no id past the embedding; pads with EOS if it has no pad token
-    dataset = load_dataset(args.dataset, args.dataset_split)
-    prompts = build_prompts(dataset, tokenizer, args.dataset_text_field, args.prompt_min_tokens,
-                            args.prompt_max_tokens, args.seed, args.prompt_truncation)
-    context = getattr(config.get_text_config(), "max_position_embeddings", None)
-    longest = max(len(p) for p in prompts)
-    if context and longest + args.response_length > context:
-        raise UserError(f"the longest prompt ({longest} tokens) + --response-length {args.response_length} exceed the "
-                        f"model's context of {context} positions: lower --prompt-max-tokens or --response-length")
-    gen_config, stop_id = make_generation_config(args, tokenizer)
+    tokenizer, prompts, reward_fns, gen_config, stop_id = load_inputs(args)
 
-    # Policy + value head, reference model
-    torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
-    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", **remote)
-    fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2, T5 v1.1)
-    if args.lora_r > 0:  # reference = the same model with adapters disabled: no second copy in memory
-        from peft import LoraConfig, get_peft_model
-
-        lm = get_peft_model(lm, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                           target_modules=args.lora_target_modules, task_type="CAUSAL_LM"))
-        ref_lm = None
-    else:
-        ref_lm = copy.deepcopy(lm).requires_grad_(False).to(device).eval()
-    policy = PolicyAndValue(lm, config.get_text_config().hidden_size).to(device)
-    # Dropout off in rollout *and* training (eval mode throughout, as the seed library): the log-probs of the
-    # update then equal the rollout's exactly at the first step, so the ratio starts at 1.
-    policy.eval()
-    if resume_from is not None:
-        load_weights(resume_from, policy)
-    ones = torch.ones(1, 2, dtype=torch.long, device=device)  # a 1-token query and 1-token response
-    train_policy = distribute(policy, ref_lm, args, device, (ones, ones, 1, 1.0))  # DDP / FSDP / policy itself
+    # Models: policy + value head, reference, reward model; the optimizer; the state a resumed run continues from
+    policy, train_policy, ref_lm = make_policy(args, device, resume_from)  # train_policy: DDP / FSDP / policy
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
                                  fused=True)  # one kernel for all tensors (CPU and CUDA)
-
-    # Rewards: a classifier with its own tokenizer and/or Python functions, weighted and added up
-    if args.reward_model:
-        reward_model = from_pretrained(AutoModelForSequenceClassification, args.reward_model, "--reward-model",
-                                       **remote).to(device).eval()
-        fuse_gelu(reward_model)
-        reward_tokenizer = from_pretrained(AutoTokenizer, args.reward_model, "--reward-model", **remote)
-        check_tokenizer(reward_tokenizer, reward_model.config, "--reward-model")
-        if reward_model.config.pad_token_id is None:  # else the classifier may read its score at a pad token
-            reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
-        label_index = reward_label_index(reward_model.config, args.reward_label)
-    weights = args.reward_weights or [1.0] * (bool(args.reward_model) + len(reward_fns))
-
+    reward_model = RewardModel(args.reward_model, args.reward_label, device, args.trust_remote_code) \
+        if args.reward_model else None
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon, args.adaptive_kl)
     score_moments = RunningMoments()
     start_iteration = 0
     if resume_from is not None:
-        start_iteration = load_training_state(resume_from, policy, optimizer, kl_ctl, score_moments, args.fsdp)
-        if is_main:
-            print(f"resumed from {resume_from} after iteration {start_iteration}")
+        state = load_training_state(resume_from, policy, optimizer, args.fsdp)
+        start_iteration, kl_ctl.kl_coef = state["step"], state["kl_coef"]
+        score_moments.mean, score_moments.var, score_moments.count = state["score_moments"]
     if is_main:
         tracker = Tracker(out_dir, args, start_iteration, args.track, args.wandb_project)
         print(f"PPO: {args.num_iterations} iterations x {args.batch_size} episodes on {world_size} x {device}; "
-              f"{len(prompts)} prompts; outputs in {out_dir}")
+              f"{len(prompts)} prompts; outputs in {out_dir}"
+              + (f"; resumed from {resume_from} after iteration {start_iteration}" if resume_from else ""))
 
     bar = tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
                total=args.num_iterations, dynamic_ncols=True, disable=not is_main)
@@ -875,71 +621,63 @@ def main(args: Args):
             for group in optimizer.param_groups:
                 group["lr"] = args.learning_rate * (1 - iteration / args.num_iterations)
 
-        # Rollout: generate, cut after the stop token, score
+        # Rollout: this process's share of the iteration's prompts, responses cut after the stop token
         start = time.perf_counter()
-        indices = batch_indices(iteration, args.batch_size, len(prompts), args.seed)  # the global batch
-        queries = [prompts[i] for i in indices[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]]
+        indices = batch_indices(iteration, args.batch_size, len(prompts), args.seed, rank, world_size)
+        queries = [prompts[i] for i in indices]
         generated = generate(policy.lm, queries, tokenizer.pad_token_id, gen_config, device, synced=args.fsdp)
         responses, contains_stop = truncate_after_stop(generated, stop_id)
         generate_time = time.perf_counter() - start
+
+        # Score: the reward model reads prompt + response as text; reward functions get both and the token ids
         prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        parts = {}  # each reward source's scores, shape: [batch]
-        if args.reward_model:
-            texts = [p + c for p, c in zip(prompt_texts, completions)]
-            parts["reward_model"] = score_with_model(reward_model, reward_tokenizer, texts, label_index,
-                                                     args.micro_batch_size, device)
-            if not torch.isfinite(parts["reward_model"]).all():
-                raise UserError(f"--reward-model {args.reward_model!r} returned NaN/inf scores")
-        for spec, fn in reward_fns.items():
-            parts[spec] = call_reward_fn(fn, len(queries), f"iteration {iteration + 1}", prompt_texts, completions,
-                                         [r.tolist() for r in responses])
-        scores = sum(w * part for w, part in zip(weights, parts.values()))
+        texts = [p + c for p, c in zip(prompt_texts, completions)]
+        scores, parts = total_reward(reward_model, reward_fns, args.reward_weights, texts, prompt_texts, completions,
+                                     responses, args.micro_batch_size, f"iteration {iteration + 1}")
         if args.missing_eos_penalty is not None and stop_id is not None:
             scores[~contains_stop] -= args.missing_eos_penalty
         rollout_time = time.perf_counter() - start
 
-        # Optimisation
+        # Update: KL-shaped rewards, advantages, PPO epochs (ppo_step)
         stats = ppo_step(args, train_policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments,
                          tokenizer.pad_token_id, generator)
+
+        # Log and save
         iteration_time = time.perf_counter() - start
         stats.update(mean_over_processes({
             "iteration": iteration + 1, "episodes": (iteration + 1) * args.batch_size,
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/stop_fraction": contains_stop.float().mean().item(),
             **{f"rewards/{name}": part.mean().item() for name, part in parts.items()},
-            "perf/episodes_per_s": args.batch_size / iteration_time,
             "perf/rollout_tokens_per_s": sum(len(r) for r in responses) / generate_time * world_size,
             "perf/rollout_s": rollout_time, "perf/iteration_s": iteration_time,
-            "perf/peak_memory_mb": peak_memory_mb(device),  # per process
+            "perf/episodes_per_s": args.batch_size / iteration_time, "perf/peak_memory_mb": peak_memory_mb(device),
         }, device))
         if is_main:
             tracker.log(stats)
-            bar.write(f"iter {iteration + 1:>4} | score {stats['objective/scores']:+.3f} "
-                      f"| kl {stats['objective/kl']:+.3f} "
-                      f"| beta {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
-                      f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
-                      f"| len {stats['charts/response_length']:.1f} | {stats['perf/episodes_per_s']:.1f} ep/s")
+            bar.write(summary(stats))
         if (iteration + 1) % args.save_every == 0 or iteration + 1 == args.num_iterations:
             state = full_state_dicts(policy, optimizer, args.fsdp)  # every process: FSDP gathers the shards
             if is_main:
-                save_checkpoint(ckpt_dir, policy, tokenizer, state, kl_ctl, score_moments, iteration + 1)
+                save_checkpoint(ckpt_dir, policy, tokenizer, state, iteration + 1, kl_coef=kl_ctl.kl_coef,
+                                score_moments=[score_moments.mean, score_moments.var, score_moments.count])
 
-    # Final model at the top of the output folder: AutoModelForCausalLM.from_pretrained(output_dir) loads it
-    # (LoRA: merged into the weights; under FSDP the adapter alone, as merging needs the unsharded weights).
-    weights = full_state_dicts(policy, None, args.fsdp)[0]
+    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0, args.fsdp, is_main)
     if is_main:
-        if args.lora_r > 0 and not args.fsdp:
-            policy.lm = policy.lm.merge_and_unload()
-        save_model(out_dir, policy, weights)
-        tokenizer.save_pretrained(out_dir)
         tracker.close()
         print(f"done: policy in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "
               f"resumable checkpoint in {ckpt_dir}")
-    if distributed():
-        torch.distributed.barrier()  # nobody leaves before rank 0 has saved
-        torch.distributed.destroy_process_group()
+    finish()  # under torchrun: nobody leaves before rank 0 has saved
     return out_dir / "metrics.jsonl" if is_main else None
+
+
+def summary(stats: dict) -> str:
+    """One line per iteration on the terminal."""
+    return (f"iter {stats['iteration']:>4} | score {stats['objective/scores']:+.3f} | kl {stats['objective/kl']:+.3f} "
+            f"| kl_coef {stats['objective/kl_coef']:.3f} | entropy {stats['objective/entropy']:.2f} "
+            f"| pg {stats['losses/policy_loss']:+.4f} | vf {stats['losses/value_loss']:.4f} "
+            f"| len {stats['charts/response_length']:.1f} | {stats['perf/episodes_per_s']:.1f} ep/s")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def stage_commands(out: Path, tiny: Path, fast: bool, seed: int) -> dict:
             "ppo.py", "--model", out / "sft", "--reward-model", out / "reward", "--dataset", tiny / "prompts.jsonl",
             "--total-episodes", size["ppo_episodes"], "--batch-size", "64", "--mini-batch-size", "32",
             "--learning-rate", "4e-4", "--anneal-lr", "--score-scaling", "normalize", "--response-length", "24",
-            # a fixed beta for the 6-nat KL budget (see README, Quickstart: the adaptive controller overshoots it)
+            # a fixed kl_coef for the 6-nat KL budget (see README, Quickstart: the adaptive controller overshoots it)
             "--kl-coef", "0.3", "--no-adaptive-kl", "--save-every", "5", "--seed", seed, "--output-dir", out / "ppo",
         ],
     }
@@ -88,6 +88,7 @@ def evaluate(out: Path, eval_prompts: list, seed: int, n_samples: int = 6) -> di
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import ppo
+    from utils.rewards import reward_vader, score_with_model
 
     device = torch.device("cpu")
     tokenizer = AutoTokenizer.from_pretrained(out / "sft")
@@ -109,8 +110,8 @@ def evaluate(out: Path, eval_prompts: list, seed: int, n_samples: int = 6) -> di
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
         full_texts = [p + c for p, c in zip(prompt_texts, texts)]
-        rm = ppo.score_with_model(reward_model, reward_tokenizer, full_texts, 0, 64, device)
-        judge = ppo.reward_vader(prompt_texts, texts, None)
+        rm = score_with_model(reward_model, reward_tokenizer, full_texts, 0, 64, device)
+        judge = reward_vader(prompt_texts, texts, None)
         report[name] = {"reward_model": _mean_std(rm.tolist()), "vader": _mean_std(judge)}
         completions[name] = (prompt_texts, texts)
         if name == "after":

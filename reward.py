@@ -22,15 +22,15 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 import tyro
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.checkpoints import full_state_dicts, load_training_state, load_weights, save_checkpoint
+from utils.distributed import distribute, distributed, finish, init_distributed, mean_over_processes
 from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
                        quiet_load_report)
-from utils.runtime import (Tracker, autocast, check_positive, cli, compile_blocks, distributed, fuse_gelu,
-                           init_distributed, mean_over_processes, peak_memory_mb, prepare_output_dir)
+from utils.models import add_lora, compile_blocks, fuse_gelu
+from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
 
 @dataclass
@@ -43,10 +43,7 @@ class Args:
     output_dir: str = "runs/reward"
     """where checkpoints, metrics.jsonl and the final model go"""
     resume: bool = False
-    """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
-    refused; these may differ: --max-steps/--num-epochs (a longer run; a warning if the schedule depends on it),
-    --eval-every, --save-every, --track, --wandb-project, --exp-name, --output-dir, --device,
-    --gradient-accumulation-steps, --gradient-checkpointing, --compile"""
+    """continue the run in --output-dir from its checkpoint; these may differ: --max-steps, speed/logging flags"""
     overwrite: bool = False
     """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 500
@@ -135,12 +132,6 @@ class Args:
     """optimizer steps: max_steps, or ceil(num_epochs * training pairs / batch_size) once the data is loaded"""
 
 
-def exact_div(a: int, b: int, what: str) -> int:
-    if b <= 0 or a % b:
-        raise UserError(f"{what}: {a} is not divisible by {b}")
-    return a // b
-
-
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
     check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every",
@@ -161,9 +152,7 @@ def check_args(args: Args, world_size: int = 1) -> Args:
     return args
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Data: (prompt +) chosen and (prompt +) rejected texts, tokenized with the reward model's tokenizer
-# ---------------------------------------------------------------------------------------------------------
+# Data: (prompt +) chosen and (prompt +) rejected texts, tokenized with the reward model's tokenizer -------------------
 def check_columns(columns: list[str], flag: str = "--dataset"):
     missing = [c for c in ("chosen", "rejected") if c not in columns]
     if missing:
@@ -228,9 +217,7 @@ def batch_indices(iteration: int, batch_size: int, n: int, seed: int):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Rewards, loss and accuracy (tested against hand-computed values in tests/test_reward.py)
-# ---------------------------------------------------------------------------------------------------------
+# Rewards, loss and accuracy (tested against hand-computed values in tests/test_reward.py) -----------------------------
 def pair_rewards(model, pairs, pad_id: int, device):
     """Score the chosen and the rejected texts of `pairs` in one forward. The classifier reads its score at the
     last token that is not config.pad_token_id (decoders) or at [CLS] (encoders), as ppo.py will.
@@ -297,9 +284,7 @@ def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device, rank: int
             "eval/reward_mean": reward_mean}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------------
+# Training -------------------------------------------------------------------------------------------------------------
 def load_pairs(args: Args, tokenizer, max_len: int, verbose: bool = True):
     """Training and evaluation pairs, tokenized, with what was truncated or dropped reported (if verbose)."""
     train = load_dataset(args.dataset, args.dataset_split)
@@ -358,14 +343,8 @@ def load_model(args: Args, tokenizer, device, verbose: bool = True, config=None)
         if not model.supports_gradient_checkpointing:
             raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
         model.activation_checkpointing_enable()  # non-reentrant: works with frozen (LoRA) base weights
-    if args.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        # task SEQ_CLS: peft trains and saves the fresh head ("score"/"classifier") in full beside the adapters
-        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          target_modules=args.lora_target_modules, task_type="SEQ_CLS")
-        model = get_peft_model(model, lora)
-    return model.to(device)
+    # task SEQ_CLS: peft trains and saves the fresh head ("score"/"classifier") in full beside the adapters
+    return add_lora(model, args, task_type="SEQ_CLS").to(device)
 
 
 def main(args: Args):
@@ -405,13 +384,10 @@ def main(args: Args):
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=args.learning_rate, fused=True)  # one kernel for all tensors (CPU and CUDA)
-    start_step = load_training_state(resume_from, model, optimizer, fsdp=False) if resume_from else 0
+    start_step = load_training_state(resume_from, model, optimizer, fsdp=False)["step"] if resume_from else 0
     # Under torchrun DDP averages the gradients over the processes in the backward pass (and broadcasts rank 0's
     # weights at the start): each rank's mean loss over its equal share then gives the whole batch's mean gradient.
-    ddp_model = model
-    if world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model,
-                                                        device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model = distribute(model, device, fsdp=False)
     if args.compile:
         compile_blocks(model)
     if is_main:
@@ -484,9 +460,7 @@ def main(args: Args):
         if (step + 1) % args.save_every == 0 or step + 1 == args.num_steps:
             save_checkpoint(ckpt_dir, model, tokenizer, full_state_dicts(model, optimizer, fsdp=False), step + 1)
 
-    if distributed():  # wait for rank 0's last checkpoint, then leave the process group
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish()  # under torchrun: wait for rank 0's last checkpoint, then leave the process group
     if not is_main:
         return None
     # Final model at the top of the output folder: AutoModelForSequenceClassification.from_pretrained loads it

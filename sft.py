@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from utils.checkpoints import full_state_dicts, load_training_state, load_weights, save_checkpoint
+from utils.distributed import distribute, distributed, finish, init_distributed
 from utils.hub import UserError, check_paths, from_pretrained, load_dataset, quiet_libraries
-from utils.runtime import (Tracker, autocast, check_positive, cli, compile_blocks, distributed, fuse_gelu,
-                           init_distributed, peak_memory_mb, prepare_output_dir)
+from utils.models import add_lora, compile_blocks, fuse_gelu
+from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
 
 @dataclass
@@ -45,10 +46,7 @@ class Args:
     output_dir: str = "runs/sft"
     """where checkpoints, metrics.jsonl and the final model go"""
     resume: bool = False
-    """continue the run in --output-dir from its last complete checkpoint. Flags that change the result are
-    refused; these may differ: --max-steps/--num-epochs (a longer run; a warning if the schedule depends on it),
-    --eval-every, --save-every, --track, --wandb-project, --exp-name, --output-dir, --device, --fsdp,
-    --gradient-accumulation-steps, --gradient-checkpointing, --compile, --loss-chunk-size"""
+    """continue the run in --output-dir from its checkpoint; these may differ: --max-steps, speed/logging flags"""
     overwrite: bool = False
     """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 500
@@ -80,8 +78,7 @@ class Args:
     loss_chunk_size: int = 1024
     """training loss: tokens whose [tokens, vocab] logits exist at a time (0: the whole micro-batch's at once)"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP) instead of
-    keeping a full copy on each (DDP), for models that do not fit one device"""
+    """under torchrun: shard parameters, gradients and optimizer state over processes (FSDP), not copy (DDP)"""
 
     # data
     dataset: str = "stanfordnlp/imdb"
@@ -154,12 +151,6 @@ class Args:
     """optimizer steps: max_steps, or ceil(num_epochs * training examples / batch_size) once the data is loaded"""
 
 
-def exact_div(a: int, b: int, what: str) -> int:
-    if b <= 0 or a % b:
-        raise UserError(f"{what}: {a} is not divisible by {b}")
-    return a // b
-
-
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
     check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every",
@@ -186,9 +177,7 @@ def check_args(args: Args, world_size: int = 1) -> Args:
     return args
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Data: render each example as text + the character spans to learn, tokenize with a loss mask, pack
-# ---------------------------------------------------------------------------------------------------------
+# Data: render each example as text + the character spans to learn, tokenize with a loss mask, pack --------------------
 # Zephyr-style turns, each closed by the tokenizer's EOS: a model trained with it learns to stop after its turn.
 ZEPHYR_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
                    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
@@ -358,9 +347,7 @@ def batch_indices(iteration: int, batch_size: int, n: int, seed: int):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Loss and schedule (tested against hand-computed values in tests/test_sft.py)
-# ---------------------------------------------------------------------------------------------------------
+# Loss and schedule (tested against hand-computed values in tests/test_sft.py) -----------------------------------------
 def lm_loss(logits, labels):
     """Summed next-token negative log-likelihood over target tokens, and the number of targets.
     logits [batch, len, vocab], labels [batch, len] (-100: no loss). Summing (not averaging) per micro-batch lets
@@ -472,9 +459,7 @@ def evaluate(model, examples, micro_batch_size: int, pad_id: int, device, rank: 
     return {"eval/loss": nll / count, "eval/perplexity": math.exp(min(nll / count, 50))}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------------
+# Training -------------------------------------------------------------------------------------------------------------
 def load_examples(args: Args, tokenizer, max_len: int, verbose: bool = True):
     """Training and evaluation examples, tokenized (and packed with --packing), with their counts reported."""
     train = load_dataset(args.dataset, args.dataset_split)
@@ -565,32 +550,7 @@ def load_model(args: Args, config, tokenizer, device):
         if not model.supports_gradient_checkpointing:
             raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
         model.activation_checkpointing_enable()  # non-reentrant: works with frozen (LoRA) base weights
-    if args.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-    return model.to(device)
-
-
-def distribute(model, args: Args, device):
-    """Under torchrun: DDP keeps a whole copy of the model on each process and averages the gradients during the
-    backward pass; FSDP (--fsdp) splits each transformer block's parameters, gradients and optimizer state over the
-    processes and gathers a block's weights only while it computes. In one process: the model itself."""
-    if args.world_size == 1:
-        return model
-    if not args.fsdp:
-        device_ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    from torch.distributed.fsdp import fully_shard
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA wrapper
-    blocks = set(getattr(base, "_no_split_modules", None) or [])  # the model's layer classes, e.g. GPT2Block
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module)  # one all-gather per block: only one block's full weights exist at a time
-    return fully_shard(model)  # the rest (embeddings, final norm, head)
+    return add_lora(model, args, task_type="CAUSAL_LM").to(device)
 
 
 def main(args: Args):
@@ -640,14 +600,14 @@ def main(args: Args):
     if resume_from:
         load_weights(resume_from, model)
     unwrapped = model  # HF/peft model (sharded in place under FSDP) for saving; `model` may be the DDP wrapper
-    model = distribute(model, args, device)
+    model = distribute(model, device, args.fsdp, lms=(model,))  # DDP / FSDP sharded in place / itself
     if args.compile:
         compile_blocks(unwrapped)  # after FSDP's sharding, as torch recommends
     params = [p for p in model.parameters() if p.requires_grad]  # (after sharding: the optimizer holds the shards)
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=args.learning_rate, fused=True)  # one kernel for all tensors (CPU and CUDA)
-    start_step = load_training_state(resume_from, unwrapped, optimizer, args.fsdp) if resume_from else 0
+    start_step = load_training_state(resume_from, unwrapped, optimizer, args.fsdp)["step"] if resume_from else 0
     if resume_from and is_main:
         print(f"resumed from {resume_from} after step {start_step}")
     # args.json, metrics.jsonl (cut back to the checkpoint's step on resume), wandb with --track
@@ -736,9 +696,7 @@ def main(args: Args):
         tracker.close()
         print(f"done: model in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "
               f"resumable checkpoint in {ckpt_dir}")
-    if distributed():
-        torch.distributed.barrier()  # nobody leaves before rank 0 has saved
-        torch.distributed.destroy_process_group()
+    finish()  # under torchrun: nobody leaves before rank 0 has saved
     return out_dir / "metrics.jsonl"
 
 

@@ -354,6 +354,7 @@ def profile_child(prof_path: str, phases_path: str, argv: list):
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
     import ppo
+    from utils import rewards
 
     importlib.import_module("transformers.models.gpt2.modeling_gpt2")  # lazy imports happen before profiling
     seconds, calls = defaultdict(float), defaultdict(int)
@@ -371,7 +372,7 @@ def profile_child(prof_path: str, phases_path: str, argv: list):
 
     grad = lambda *a, **k: torch.is_grad_enabled()  # noqa: E731
     ppo.generate = timed("rollout: generate (KV cache, sampling)", ppo.generate)
-    ppo.score_with_model = timed("rollout: reward model (re-tokenize + forward)", ppo.score_with_model)
+    rewards.score_with_model = timed("rollout: reward model (re-tokenize + forward)", rewards.score_with_model)
     ppo.ppo_step = timed("ppo_step (all below)", ppo.ppo_step)
     ppo.PolicyAndValue.forward = timed(
         lambda *a, **k: "  policy+value forward, PPO epochs" if torch.is_grad_enabled() else

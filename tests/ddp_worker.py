@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ppo  # noqa: E402
-from utils.runtime import all_gather, init_distributed  # noqa: E402
+from utils.distributed import all_gather, distribute, init_distributed  # noqa: E402
 
 
 def fixed_batch():
@@ -32,13 +32,14 @@ def update(policy_dir, world_size, fsdp, queries, responses, scores):
     args = ppo.check_args(ppo.Args(batch_size=8, mini_batch_size=8, total_episodes=8, ppo_epochs=2,
                                    learning_rate=1e-3, fsdp=fsdp), world_size)
     ones = torch.ones(1, 2, dtype=torch.long)
-    wrapped = ppo.distribute(policy, ref, args, torch.device("cpu"), (ones, ones, 1, 1.0))  # DDP, or FSDP in place
+    wrapped = distribute(policy, torch.device("cpu"), fsdp, lms=(policy.lm, ref), units=(policy.v_head,),
+                         example_inputs=(ones, ones, 1, 1.0))  # DDP, or FSDP in place
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     kl_ctl = ppo.KLController(0.2, 6.0, 10000)
     stats = ppo.ppo_step(args, wrapped, ref, optimizer, queries, responses, scores, kl_ctl, ppo.RunningMoments(),
                          pad_id=0, generator=torch.Generator().manual_seed(0))
     weights = ppo.full_state_dicts(policy, None, fsdp)[0] if fsdp else policy.state_dict()  # FSDP: gathered
-    return weights, stats, kl_ctl.value
+    return weights, stats, kl_ctl.kl_coef
 
 
 if __name__ == "__main__":

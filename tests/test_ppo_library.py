@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import ppo
 from conftest import ROOT
 from test_ppo_e2e import read_metrics, tiny_args
-from utils.runtime import fuse_gelu
+from utils.models import fuse_gelu
 
 
 def test_readme_library_snippet_runs(assets):
@@ -32,7 +32,7 @@ def check_library_call_matches_script(module, main_args, model_cls, model_dir, m
 
     def spy(args, policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments, pad_id, generator):
         recorded.update(args=copy.deepcopy(args), before=copy.deepcopy(policy.state_dict()), queries=queries,
-                        responses=responses, scores=scores.clone(), kl_coef=kl_ctl.value, pad_id=pad_id,
+                        responses=responses, scores=scores.clone(), kl_coef=kl_ctl.kl_coef, pad_id=pad_id,
                         generator=generator.get_state())
         stats = real_step(args, policy, ref_lm, optimizer, queries, responses, scores, kl_ctl, score_moments,
                           pad_id, generator)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import ppo
+import utils.rewards
 
 
 def test_kl_estimators_hand_computed():
@@ -111,13 +112,13 @@ def test_value_loss_hand_computed():
 def test_adaptive_kl_controller_hand_computed():
     ctl = ppo.KLController(0.2, target=6.0, horizon=10000)
     ctl.update(9.0, 256)  # error clipped to +0.2: beta * (1 + 0.2 * 256 / 10000)
-    assert ctl.value == pytest.approx(0.2 * 1.00512)
+    assert ctl.kl_coef == pytest.approx(0.2 * 1.00512)
     ctl = ppo.KLController(0.2, target=6.0, horizon=10000)
     ctl.update(5.4, 100)  # error -0.1 (inside the clip)
-    assert ctl.value == pytest.approx(0.2 * (1 - 0.1 * 100 / 10000))
+    assert ctl.kl_coef == pytest.approx(0.2 * (1 - 0.1 * 100 / 10000))
     fixed = ppo.KLController(0.2, 6.0, 10000, adaptive=False)
     fixed.update(100.0, 256)
-    assert fixed.value == 0.2
+    assert fixed.kl_coef == 0.2
 
 
 def test_running_moments_match_numpy():
@@ -185,13 +186,13 @@ def test_reward_label_index():
     from transformers import PretrainedConfig
 
     two = PretrainedConfig(num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"})
-    assert ppo.reward_label_index(two, "positive") == 1
-    assert ppo.reward_label_index(two, "0") == 0
-    assert ppo.reward_label_index(two, "-1") == 1
-    assert ppo.reward_label_index(PretrainedConfig(num_labels=1), "POSITIVE") == 0
+    assert utils.rewards.reward_label_index(two, "positive") == 1
+    assert utils.rewards.reward_label_index(two, "0") == 0
+    assert utils.rewards.reward_label_index(two, "-1") == 1
+    assert utils.rewards.reward_label_index(PretrainedConfig(num_labels=1), "POSITIVE") == 0
     generic = PretrainedConfig(num_labels=2)  # LABEL_0 / LABEL_1
     with pytest.raises(ppo.UserError, match="LABEL_0"):
-        ppo.reward_label_index(generic, "POSITIVE")
+        utils.rewards.reward_label_index(generic, "POSITIVE")
 
 
 def test_batch_indices_are_seeded_permutations_and_resumable():
@@ -203,7 +204,7 @@ def test_batch_indices_are_seeded_permutations_and_resumable():
 
 
 def test_reward_function_checks():
-    from utils.runtime import call_reward_fn
+    from utils.rewards import call_reward_fn
 
     def bad_length(prompts, completions, ids):
         return [1.0]
@@ -224,11 +225,12 @@ def test_reward_function_checks():
     message = str(err.value)  # the user's own traceback, with their line, and where it happened
     assert "raised on the batch of iteration 3" in message and "len(c) / 0" in message
     assert "ZeroDivisionError" in message and "call_reward_fn" not in message
-    assert call_reward_fn(ppo.reward_length, 1, "", ["a"], ["bc"], [[1, 2]]).tolist() == [2.0]
-    vader = call_reward_fn(ppo.reward_vader, 2, "", ["", ""], ["great wonderful", "awful terrible"], [[1], [2]])
+    assert call_reward_fn(utils.rewards.reward_length, 1, "", ["a"], ["bc"], [[1, 2]]).tolist() == [2.0]
+    texts = ["great wonderful", "awful terrible"]
+    vader = call_reward_fn(utils.rewards.reward_vader, 2, "", ["", ""], texts, [[1], [2]])
     assert vader[0] > 0.5 > -0.5 > vader[1]
     with pytest.raises(ppo.UserError, match="not a built-in"):
-        ppo.load_function("nonexistent", "--reward-fn", ppo.REWARD_FUNCTIONS)
+        utils.rewards.load_function("nonexistent", "--reward-fn", utils.rewards.REWARD_FUNCTIONS)
     with pytest.raises(ppo.UserError, match="--reward-weights has 1 values for 2 rewards"):
         ppo.check_args(ppo.Args(reward_fn=["vader"], reward_weights=[1.0]))
 
@@ -251,7 +253,7 @@ def test_first_update_is_on_policy(assets):
     assert stats["losses/clipfrac"] == 0.0
     assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
     assert stats["charts/response_length"] == pytest.approx(2.5)
-    assert kl_ctl.value < 0.2  # KL 0 below target 6: beta shrinks
+    assert kl_ctl.kl_coef < 0.2  # KL 0 below target 6: kl_coef shrinks
 
 
 def test_build_prompts_truncated_whole_and_nested(assets):
@@ -277,7 +279,7 @@ def test_build_prompts_truncated_whole_and_nested(assets):
 
 
 def test_fused_gelu_keeps_the_models_function_and_its_saved_config(assets, tmp_path):
-    from utils.runtime import fuse_gelu
+    from utils.models import fuse_gelu
 
     model = AutoModelForCausalLM.from_pretrained(assets / "policy").eval()
     assert model.config.activation_function == "gelu_new"
@@ -296,7 +298,7 @@ def test_fused_gelu_keeps_the_models_function_and_its_saved_config(assets, tmp_p
 
 
 def test_compiled_blocks_compute_the_same_and_keep_parameter_names(assets):
-    from utils.runtime import compile_blocks
+    from utils.models import compile_blocks
 
     torch._dynamo.reset()
     model = AutoModelForCausalLM.from_pretrained(assets / "policy").eval()

@@ -17,16 +17,17 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import ppo
 import ppo_seq2seq as s2s
+import utils.rewards
 from conftest import ROOT, learning_seed, record_learning, run_script, torchrun
 
 # Helpers whose math is the same in both scripts: copies, kept identical (STYLE.md). A change to one of them in
 # ppo.py must be copied to ppo_seq2seq.py (and the other way round).
-SHARED = ["exact_div", "logprobs_of", "entropy_of", "masked_mean", "global_masked_mean", "masked_whiten",
-          "kl_per_token", "full_kl_of", "shaped_rewards", "gae", "policy_loss", "value_loss", "KLController",
-          "RunningMoments", "vader", "reward_vader", "reward_length", "reward_label_index", "score_with_model",
-          "build_prompts", "batch_indices", "right_pad", "truncate_after_stop", "save_model",
-          "save_checkpoint", "load_weights", "load_training_state",
-          "distribute", "_mean"]
+SHARED = ["logprobs_of", "entropy_of", "masked_mean", "global_masked_mean", "masked_whiten", "kl_per_token",
+          "full_kl_of", "shaped_rewards", "gae", "policy_loss", "value_loss", "KLController", "RunningMoments",
+          "truncate_after_stop", "summary"]
+# Plumbing the two scripts take from utils/: one copy, the same object in both
+PLUMBING = ["exact_div", "build_prompts", "batch_indices", "right_pad", "sample", "full_state_dicts", "save_checkpoint",
+            "load_weights", "load_training_state", "save_final_model", "distribute", "RewardModel", "total_reward"]
 # Decoder start tokens of the tiny assets, as in the real models: <pad> for T5, EOS for BART.
 DECODER_START = {"t5": 4096, "bart": 0}
 
@@ -56,9 +57,7 @@ def test_shared_helpers_are_identical_to_ppo():
     source = inspect.getsource
     drifted = [name for name in SHARED if source(getattr(ppo, name)) != source(getattr(s2s, name))]
     assert not drifted, f"{drifted} differ between ppo.py and ppo_seq2seq.py: make the copies identical again"
-    assert s2s.REWARD_FUNCTIONS.keys() == ppo.REWARD_FUNCTIONS.keys()
-    for name, fn in s2s.REWARD_FUNCTIONS.items():
-        assert inspect.getsource(fn) == inspect.getsource(ppo.REWARD_FUNCTIONS[name]), name
+    assert all(getattr(ppo, name) is getattr(s2s, name) for name in PLUMBING)
 
 
 def test_same_flags_defaults_and_metric_names_as_ppo():
@@ -161,7 +160,7 @@ def test_first_update_is_on_policy(assets):
     assert stats["losses/clipfrac"] == 0.0
     assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
     assert stats["charts/response_length"] == pytest.approx(2.5)
-    assert kl_ctl.value < 0.2  # KL 0 below target 6: beta shrinks
+    assert kl_ctl.kl_coef < 0.2  # KL 0 below target 6: kl_coef shrinks
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,7 +199,7 @@ def test_template_goes_to_the_encoder_and_the_reward_sees_the_review(assets, tmp
     """The encoder reads the template; the reward model scores "<review start> <response>" and reward functions
     get the review start as the prompt, as in ppo.py (no instruction text in either)."""
     seen = {}
-    real_score, real_step = s2s.score_with_model, s2s.ppo_step
+    real_score, real_step = utils.rewards.score_with_model, s2s.ppo_step
 
     def score_spy(reward_model, reward_tokenizer, texts, *rest):
         seen["texts"] = texts
@@ -214,9 +213,9 @@ def test_template_goes_to_the_encoder_and_the_reward_sees_the_review(assets, tmp
         seen["queries"] = queries
         return real_step(args, policy, ref_lm, optimizer, queries, responses, *rest)
 
-    monkeypatch.setattr(s2s, "score_with_model", score_spy)
+    monkeypatch.setattr(utils.rewards, "score_with_model", score_spy)
     monkeypatch.setattr(s2s, "ppo_step", step_spy)
-    monkeypatch.setitem(s2s.REWARD_FUNCTIONS, "spy", reward_spy)
+    monkeypatch.setitem(utils.rewards.REWARD_FUNCTIONS, "spy", reward_spy)
     s2s.main(tiny_args(assets, tmp_path, total_episodes=8, batch_size=8, reward_fn=["spy"],
                        prompt_template="Make this review happy: {text}"))
     tokenizer = AutoTokenizer.from_pretrained(assets / "t5")

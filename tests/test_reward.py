@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import ppo
 import reward
+import utils.rewards
 from conftest import ROOT, learning_seed, record_learning, run_script, torchrun
 from utils.assets import write_jsonl
 from utils.data import imdb, sentiment_pairs
@@ -152,8 +152,8 @@ def test_cli_run_saves_a_reward_model_that_ppo_uses(assets, tmp_path, pairs_file
     # ppo.py reads logits[:, 0] of a 1-label model: the same score as training computes
     tok = AutoTokenizer.from_pretrained(out)
     texts = ["A wonderful, moving film.", "Awful. " * 40]
-    assert ppo.reward_label_index(model.config, "0") == 0
-    scores = ppo.score_with_model(model, tok, texts, 0, 2, CPU)
+    assert utils.rewards.reward_label_index(model.config, "0") == 0
+    scores = utils.rewards.score_with_model(model, tok, texts, 0, 2, CPU)
     ids = [tok(t, truncation=True, max_length=64)["input_ids"] for t in texts]
     with torch.no_grad():
         ours, _, _ = reward.pair_rewards(model, [(ids[0], ids[1], 0.0)], tok.pad_token_id, CPU)

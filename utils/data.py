@@ -104,15 +104,3 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {err}")
     for p in sorted(path.glob("*.jsonl")):
         print(f"  {p}")
-
-
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids a tokenizer adds before and after a text when it adds special tokens, as sft.py and reward.py
-    tokenize (Llama/Mistral: [<s>] and []; T5: [] and [</s>]; BART: [<s>] and [</s>]; GPT-2: [] and []). Scripts
-    that cut prompts out of texts add them back, so the policy sees prompts in the format it was trained on."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return full[:start], full[start + len(plain) :]
-    return [], []

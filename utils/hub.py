@@ -11,6 +11,7 @@ import threading
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 from urllib.parse import urlparse
 
 
@@ -130,9 +131,10 @@ def from_pretrained(cls, name: str, flag: str, **kwargs):
         raise explain(flag, name, err) from None
 
 
-def load_dataset(name: str, split: str, flag: str = "--dataset"):
-    """A dataset split from a hub id, a `save_to_disk` folder, a folder of data files, or one
-    .json/.jsonl/.csv/.parquet/.txt file (a file or a folder without splits is the "train" split)."""
+def load_dataset(name: str, split: str, flag: str = "--dataset", config: Optional[str] = None):
+    """A dataset split from a hub id (with its configuration `config`, e.g. gsm8k's "main"), a `save_to_disk`
+    folder, a folder of data files, or one .json/.jsonl/.csv/.parquet/.txt file (a file or a folder without splits is
+    the "train" split)."""
     import datasets
 
     go_offline_if_unreachable(name)
@@ -151,7 +153,7 @@ def load_dataset(name: str, split: str, flag: str = "--dataset"):
             if isinstance(ds, datasets.DatasetDict):
                 return ds[split] if split in ds else _split_error(flag, name, split, list(ds))
             return ds
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except UserError:
         raise
     except (ValueError, KeyError) as err:  # unknown split and similar

@@ -1,17 +1,14 @@
-"""Run plumbing shared by the scripts: device and precision, outputs (metrics.jsonl, wandb, stdout), atomic
-checkpoints, and user-supplied Python functions. Nothing here is part of an algorithm."""
+"""Run plumbing shared by the scripts: device and precision, outputs (metrics.jsonl, wandb, stdout), the output
+folder and atomic writes, argument checks and the command line. Nothing here is part of an algorithm."""
 
 import dataclasses
 import errno
-import importlib
-import importlib.util
 import json
 import os
 import resource
 import shutil
 import sys
 import time
-import traceback
 import typing
 import zipfile
 from contextlib import contextmanager
@@ -20,63 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
+from utils.distributed import distributed
 from utils.hub import UserError
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; TF32 matmuls on CUDA (bf16 autocast does the rest)."""
-    device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-def init_distributed(device_name: str):
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs (one per local rank),
-    gloo on CPUs. Returns (device, rank, world_size); (pick_device(device_name), 0, 1) in a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return pick_device(device_name), 0, 1
-    import torch.distributed as dist
-
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and device_name != "cpu":
-        torch.cuda.set_device(local_rank)
-        device = pick_device(f"cuda:{local_rank}")
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return device, dist.get_rank(), world_size
-
-
-def distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor of the same shape from every process (rank order); itself in one process."""
-    if not distributed():
-        return x
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def mean_over_processes(stats: dict, device: torch.device) -> dict:
-    """Average every float statistic over the processes (one all-reduce); unchanged in one process."""
-    if not distributed():
-        return stats
-    import torch.distributed as dist
-
-    keys = [k for k, v in stats.items() if isinstance(v, float)]  # ints (iteration, counts) stay as they are
-    values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    return {**stats, **dict(zip(keys, (values / dist.get_world_size()).tolist()))}
 
 
 def autocast(device: torch.device):
@@ -84,32 +26,6 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-def fuse_gelu(model: torch.nn.Module) -> int:
-    """Swap transformers' NewGELUActivation (GPT-2's and T5 v1.1's "gelu_new": the tanh formula written as eight
-    tensor ops, each a pass over the MLP's widest activation, several kept for backward) for torch's fused tanh
-    GELU, the same function in one kernel (they differ by float rounding, ~1e-7). Only the module changes: the
-    config still says gelu_new, so the saved model loads and computes as before. Returns how many were swapped."""
-    from transformers.activations import NewGELUActivation
-
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is NewGELUActivation]
-    for parent, name in swaps:
-        setattr(parent, name, torch.nn.GELU(approximate="tanh"))
-    return len(swaps)
-
-
-def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
-    """torch.compile each transformer block in place (regional compilation: the blocks share their code, so one
-    compilation serves them all and starts in seconds, not minutes; parameter names stay as they are, so
-    checkpoints are unchanged). The blocks are the model's `_no_split_modules` classes. Returns how many."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA wrapper
-    block_types = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_types]
-    for block in blocks:
-        block.compile(backend=backend)
-    return len(blocks)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -308,6 +224,13 @@ def changed_flags(args, saved: dict, may_change: tuple) -> list:
             if name not in may_change and name not in derived and name in saved and saved[name] != value]
 
 
+def exact_div(a: int, b: int, what: str) -> int:
+    """a / b for batch sizes that must divide: a UserError naming the flags (`what`) otherwise."""
+    if b <= 0 or a % b:
+        raise UserError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
 def check_positive(args, *names: str):
     """Each named field must be > 0 (a count, a rate, a length): one line naming the flag otherwise."""
     for name in names:
@@ -331,61 +254,3 @@ def cli(main: Callable, args_class):
             raise
         sys.exit(f"error: the disk holding {args.output_dir} is full (no space left to write "
                  f"{err.filename or 'into it'}): free some space, then rerun with --resume")
-
-
-def load_function(spec: str, flag: str, builtins: dict) -> Callable:
-    """A function named `spec`: a key of `builtins`, `path/to/file.py:function` or `package.module:function`."""
-    if spec in builtins:
-        return builtins[spec]
-    if ":" not in spec:
-        raise UserError(f"{flag} {spec!r}: not a built-in ({', '.join(builtins)}) "
-                        "and not of the form path/to/file.py:function or module:function")
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py") and not Path(where).is_file():
-        raise UserError(f"{flag} {spec!r}: no such file {where!r}")
-    try:
-        if where.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except ModuleNotFoundError as err:
-        if err.name and (where == err.name or where.startswith(err.name + ".")):  # the module itself is missing
-            raise UserError(f"{flag} {spec!r}: module {where!r} not found") from None
-        raise UserError(f"{flag} {spec!r}: importing {where} failed: {_user_error(err)}") from None
-    except Exception as err:  # the user's own code failed while it was imported: show its error, not ours
-        raise UserError(f"{flag} {spec!r}: importing {where} failed: {_user_error(err)}") from None
-    if not callable(getattr(module, name, None)):
-        raise UserError(f"{flag} {spec!r}: {where} has no function {name!r}")
-    return getattr(module, name)
-
-
-def _user_error(err: Exception) -> str:
-    """'Error: message (file:line)' at the innermost frame of the user's code where `err` was raised."""
-    if isinstance(err, SyntaxError):
-        return f"SyntaxError: {err.msg} ({err.filename}:{err.lineno})"
-    frames = traceback.extract_tb(err.__traceback__)
-    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{where}"
-
-
-def call_reward_fn(fn: Callable, n: int, where: str, *inputs) -> torch.Tensor:
-    """Call a user's reward function on a batch of `n` samples and check that it returned one finite float
-    per sample. Its own errors come back with its traceback and the batch (`where`) they happened on."""
-    name = getattr(fn, "__name__", repr(fn))
-    try:
-        scores = fn(*inputs)
-    except Exception as err:
-        frames = traceback.format_exception(type(err), err, err.__traceback__.tb_next)  # drop this frame
-        raise UserError(f"reward function {name} raised on the batch of {where}:\n{''.join(frames).rstrip()}") from None
-    try:
-        scores = torch.as_tensor([float(s) for s in scores], dtype=torch.float32)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"reward function {name} must return one float per sample ({err}), {where}") from None
-    if len(scores) != n:
-        raise UserError(f"reward function {name} returned {len(scores)} scores for {n} samples, {where}")
-    if not torch.isfinite(scores).all():
-        bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
-        raise UserError(f"reward function {name} returned NaN/inf for samples {bad[:10]} of the batch of {where}")
-    return scores
