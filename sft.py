@@ -553,6 +553,24 @@ def load_model(args: Args, config, tokenizer, device):
     return add_lora(model, args, task_type="CAUSAL_LM").to(device)
 
 
+def load_tokenizer(args: Args):
+    """--tokenizer (or --model's), with an EOS (appended to every example) and a pad token, and --chat-template."""
+    tokenizer_flag = "--tokenizer" if args.tokenizer else "--model"
+    tokenizer = from_pretrained(AutoTokenizer, args.tokenizer or args.model, tokenizer_flag,
+                                trust_remote_code=args.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token: sft.py appends EOS so the model learns to stop")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: padding is masked by lengths, never by id (see collate)
+    if args.chat_template == "zephyr":
+        tokenizer.chat_template = ZEPHYR_TEMPLATE  # saved with the tokenizer, so the model chats the way it learned
+    elif args.chat_template:
+        if not Path(args.chat_template).is_file():
+            raise UserError(f"--chat-template {args.chat_template!r}: not 'zephyr' and not a file")
+        tokenizer.chat_template = Path(args.chat_template).read_text()
+    return tokenizer
+
+
 def main(args: Args):
     device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
     args = check_args(args, world_size)
@@ -569,19 +587,7 @@ def main(args: Args):
     torch.manual_seed(args.seed)  # LoRA init: the same on every process
 
     # Tokenizer and model
-    tokenizer_flag = "--tokenizer" if args.tokenizer else "--model"
-    tokenizer = from_pretrained(AutoTokenizer, args.tokenizer or args.model, tokenizer_flag,
-                                trust_remote_code=args.trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has no EOS token: sft.py appends EOS so the model learns to stop")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # safe: padding is masked by lengths, never by id (see collate)
-    if args.chat_template == "zephyr":
-        tokenizer.chat_template = ZEPHYR_TEMPLATE  # saved with the tokenizer, so the model chats the way it learned
-    elif args.chat_template:
-        if not Path(args.chat_template).is_file():
-            raise UserError(f"--chat-template {args.chat_template!r}: not 'zephyr' and not a file")
-        tokenizer.chat_template = Path(args.chat_template).read_text()
+    tokenizer = load_tokenizer(args)
     config = load_config(args, tokenizer)
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
     max_len = args.max_seq_length or min(context or 1024, 1024)
