@@ -35,14 +35,14 @@ def worker(mode: str, layers: int, width: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import sft
-    from utils.runtime import init_distributed
+    from utils.distributed import distribute, init_distributed
 
     device, rank, world = init_distributed("cpu")
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_layer=layers, n_embd=width, n_head=max(width // 64, 1),
                                        n_positions=128))
     args = sft.check_args(sft.Args(fsdp=mode == "fsdp", batch_size=2 * world), world)
-    wrapped = sft.distribute(model, args, device)
+    wrapped = distribute(model, device, args.fsdp, lms=(model,))
     params = [p for p in wrapped.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     for _ in range(3):
