@@ -537,26 +537,12 @@ def load_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params)
 
 
 # Training loop --------------------------------------------------------------------------------------------------------
-def main(args: Args):
-    device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
-    args = check_args(args, world_size)
-    is_main = rank == 0  # only the first process logs, tracks and saves
-    quiet_libraries()
-    import diffusers
+def load_pipeline(args: Args, device):
+    """The diffusers pipeline with every part frozen but the UNet (or its LoRA adapters), and the DDIM scheduler that
+    is the policy, whatever scheduler the checkpoint ships (SD 1.x ships PNDM). Also sets args.num_train_timesteps.
+    Returns (pipe, scheduler, the indices of the stochastic steps)."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
-    diffusers.utils.logging.disable_progress_bar()
-    # The output folder first (a run in it is never lost: --resume or --overwrite), then the model's path
-    check_paths(("--model", args.model))
-    resume_from = prepare_output_dir(args, is_main, length_flags=("num_epochs",))
-    out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
-    torch.manual_seed(args.seed)  # LoRA's initial weights (the same on every process; DDP also broadcasts rank 0's)
-
-    # Reward and prompts first: bad input fails before the (large) pipeline loads
-    reward_fn = load_reward_fn(args, device)
-    prompts = load_prompts(args.prompts)
-
-    # Pipeline. The policy is the DDIM sampler, whatever scheduler the checkpoint ships (SD 1.x ships PNDM)
     try:
         pipe = from_pretrained(DiffusionPipeline, args.model, "--model")
     except UserError as err:
@@ -594,6 +580,28 @@ def main(args: Args):
     # Eval mode in sampling *and* training: SD's UNet has no dropout, LoRA dropout is 0, so the training log-probs
     # equal the sampling ones before the first update (ratio = 1 up to batch-shape numerics).
     pipe.unet.eval()
+    return pipe, scheduler, trainable_steps
+
+
+def main(args: Args):
+    device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
+    args = check_args(args, world_size)
+    is_main = rank == 0  # only the first process logs, tracks and saves
+    quiet_libraries()
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+    # The output folder first (a run in it is never lost: --resume or --overwrite), then the model's path
+    check_paths(("--model", args.model))
+    resume_from = prepare_output_dir(args, is_main, length_flags=("num_epochs",))
+    out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
+    torch.manual_seed(args.seed)  # LoRA's initial weights (the same on every process; DDP also broadcasts rank 0's)
+
+    # Reward and prompts first: bad input fails before the (large) pipeline loads
+    reward_fn = load_reward_fn(args, device)
+    prompts = load_prompts(args.prompts)
+
+    pipe, scheduler, trainable_steps = load_pipeline(args, device)
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   eps=1e-8, fused=True)  # one kernel for all tensors (CPU and CUDA)

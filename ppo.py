@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from utils.checkpoints import full_state_dicts, load_training_state, load_weights, save_checkpoint, save_final_model
+from utils.data import batch_indices
 from utils.distributed import (all_gather, distribute, distributed, finish, init_distributed, mean_over_processes,
                                unwrap)
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.prompts import batch_indices, build_prompts, check_context, left_pad, right_pad, sample, stop_token_id
+from utils.prompts import build_prompts, check_context, left_pad, right_pad, sample, stop_token_id
 from utils.models import add_lora, fuse_gelu
 from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
 from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir

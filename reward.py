@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from utils.checkpoints import full_state_dicts, load_training_state, load_weights, save_checkpoint
+from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed, mean_over_processes
 from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
                        quiet_load_report)
@@ -204,17 +205,6 @@ def right_pad(sequences, pad_id: int, device):
     for i, s in enumerate(sequences):
         input_ids[i, : len(s)], attention_mask[i, : len(s)] = torch.tensor(s), 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def batch_indices(iteration: int, batch_size: int, n: int, seed: int):
-    """Example indices of an iteration: consecutive slices of an endless stream of seeded permutations, so a
-    resumed run sees exactly the examples an uninterrupted one would."""
-    start, out = iteration * batch_size, []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return out
 
 
 # Rewards, loss and accuracy (tested against hand-computed values in tests/test_reward.py) -----------------------------
@@ -415,8 +405,7 @@ def main(args: Args):
         lr = learning_rate_at(step, args.num_steps, warmup_steps, args.learning_rate, args.lr_scheduler)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = batch_indices(step, args.batch_size, len(train_pairs), args.seed)  # the global batch
-        local_indices = indices[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
+        local_indices = batch_indices(step, args.batch_size, len(train_pairs), args.seed, rank, world_size)
         b_chosen, b_rejected, step_loss = [], [], 0.0
         for j in range(0, args.local_batch_size, args.micro_batch_size):
             micro_pairs = [train_pairs[i] for i in local_indices[j : j + args.micro_batch_size]]

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from utils.checkpoints import full_state_dicts, load_training_state, load_weights, save_checkpoint
+from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed
 from utils.hub import UserError, check_paths, from_pretrained, load_dataset, quiet_libraries
 from utils.models import add_lora, compile_blocks, fuse_gelu
@@ -336,17 +337,6 @@ def packing_isolates_examples(model, device) -> bool:
     return ((packed - alone).abs().max() <= 0.05 * alone.abs().max()).item()
 
 
-def batch_indices(iteration: int, batch_size: int, n: int, seed: int):
-    """Example indices of an iteration: consecutive slices of an endless stream of seeded permutations, so a
-    resumed run sees exactly the examples an uninterrupted one would."""
-    start, out = iteration * batch_size, []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return out
-
-
 # Loss and schedule (tested against hand-computed values in tests/test_sft.py) -----------------------------------------
 def lm_loss(logits, labels):
     """Summed next-token negative log-likelihood over target tokens, and the number of targets.
@@ -642,8 +632,7 @@ def main(args: Args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Every process draws the same global batch and takes its own slice of it.
-        indices = batch_indices(step, args.batch_size, len(train_examples), args.seed)
-        indices = indices[rank * args.local_batch_size : (rank + 1) * args.local_batch_size]
+        indices = batch_indices(step, args.batch_size, len(train_examples), args.seed, rank, world_size)
         micro_batches = [collate([train_examples[i] for i in indices[j : j + args.micro_batch_size]], pad_id, device)
                          for j in range(0, args.local_batch_size, args.micro_batch_size)]
         # The loss is the mean over the target tokens of the whole step (all processes), however they fall into

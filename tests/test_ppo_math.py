@@ -200,6 +200,7 @@ def test_batch_indices_are_seeded_permutations_and_resumable():
     stream = [i for it in range(5) for i in ppo.batch_indices(it, b, n, seed=3)]
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert ppo.batch_indices(3, b, n, seed=3) == stream[12:16]  # iteration 3 alone = the same prompts
+    assert ppo.batch_indices(3, b, n, 3, rank=0, world_size=2) + ppo.batch_indices(3, b, n, 3, 1, 2) == stream[12:16]
     assert ppo.batch_indices(0, b, n, seed=4) != ppo.batch_indices(0, b, n, seed=3)
 
 

@@ -21,6 +21,8 @@ import random
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from utils.assets import DEFAULT_DIR, read_jsonl, write_jsonl
 
 
@@ -104,3 +106,16 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {err}")
     for p in sorted(path.glob("*.jsonl")):
         print(f"  {p}")
+
+
+def batch_indices(iteration: int, batch_size: int, n: int, seed: int, rank: int = 0, world_size: int = 1):
+    """Example (prompt) indices of an iteration's global batch: consecutive slices of an endless stream of seeded
+    permutations, so a resumed run sees exactly the examples an uninterrupted one would. Under torchrun process
+    `rank` takes its share (batch_size / world_size consecutive ones), so the processes together see the batch."""
+    start, out = iteration * batch_size, []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    share = batch_size // world_size
+    return out[rank * share : (rank + 1) * share]

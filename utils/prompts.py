@@ -1,5 +1,5 @@
 """Prompts for the RL scripts: prompts cut from a dataset's texts (the IMDB-style first tokens of a review, or
-whole texts), the order in which iterations draw them, padding and the stop token. Nothing here is part of an
+whole texts), padding, sampling and the stop token. Nothing here is part of an
 algorithm."""
 
 from typing import Optional
@@ -75,19 +75,6 @@ def render_prompts(dataset, tokenizer, field: str, max_tokens: int):
     return [torch.tensor(ids[i]) for i in kept], kept
 
 
-def batch_indices(iteration: int, batch_size: int, n: int, seed: int, rank: int = 0, world_size: int = 1):
-    """Prompt indices of an iteration's global batch: consecutive slices of an endless stream of seeded
-    permutations, so a resumed run sees exactly the prompts an uninterrupted one would. Under torchrun process
-    `rank` takes its share (batch_size / world_size consecutive ones), so the processes together see the batch."""
-    start, out = iteration * batch_size, []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    share = batch_size // world_size
-    return out[rank * share : (rank + 1) * share]
-
-
 def apply_template(prompt_texts, tokenizer, template: str):
     """Encoder inputs: `template` with {text} replaced by each text, tokenized with the tokenizer's special
     tokens (T5 appends </s>, BART wraps in <s> ... </s>, as in their pre-training). Returns 1-D LongTensors."""
@@ -116,12 +103,11 @@ def right_pad(sequences, pad_id: int):
     return ids, mask
 
 
-def check_context(config, tokens: int, what: str):
+def check_context(config, tokens: int, what: str, fix: str = "lower --prompt-max-tokens or --response-length"):
     """Refuse inputs longer than the model's positions (a model with relative positions, as T5, has no bound)."""
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if context and tokens > context:
-        raise UserError(f"{what} exceed the model's context of {context} positions: lower --prompt-max-tokens or "
-                        "--response-length")
+        raise UserError(f"{what} exceed the model's context of {context} positions: {fix}")
 
 
 def stop_token_id(tokenizer, stop_token: Optional[str]) -> Optional[int]:
