@@ -31,7 +31,8 @@ from utils.distributed import distribute, distributed, finish, init_distributed,
 from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
                        quiet_load_report)
 from utils.models import add_lora, compile_blocks, fuse_gelu
-from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
+from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
+                           prepare_output_dir)
 
 
 @dataclass
@@ -240,16 +241,6 @@ def pairwise_accuracy(chosen_rewards, rejected_rewards):
     """Fraction of pairs ranked right; a tie counts one half, so a constant model scores 0.5 (chance)."""
     right = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     return right.mean()
-
-
-def learning_rate_at(step: int, num_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup from 0, then cosine/linear decay to 0."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return peak
-    progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
-    return peak * (1 - progress) if schedule == "linear" else peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()

@@ -34,7 +34,8 @@ from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed
 from utils.hub import UserError, check_paths, from_pretrained, load_dataset, quiet_libraries
 from utils.models import add_lora, compile_blocks, fuse_gelu
-from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
+from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
+                           prepare_output_dir)
 
 
 @dataclass
@@ -410,16 +411,6 @@ def head_for_chunked_loss(model, inputs, chunk: int, fsdp: bool):
         logits = out.hidden_states[-1][:, -1:] @ head.weight.T
         same = torch.allclose(logits.float(), out.logits.float(), atol=1e-3, rtol=1e-3)
     return head.weight if same else None
-
-
-def learning_rate_at(step: int, num_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup from 0, then cosine/linear decay to 0."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return peak
-    progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
-    return peak * (1 - progress) if schedule == "linear" else peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()

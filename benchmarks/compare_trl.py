@@ -7,6 +7,8 @@ hyperparameters, alternating fresh processes (ours, TRL, ours, TRL, ...) so the 
     python benchmarks/compare_trl.py --task profile            # cProfile of ppo.py on the same configuration
     python benchmarks/compare_trl.py --task sft                # sft.py vs trl.SFTTrainer (tokens/s)
     python benchmarks/compare_trl.py --task reward             # reward.py vs trl.RewardTrainer (pairs/s)
+    python benchmarks/compare_trl.py --task grpo --trl-python /tmp/trl116/bin/python --steps 30 --learning-rate 3e-4
+                                                                # grpo.py vs trl.GRPOTrainer (TRL 1.16)
 
 Prints, per metric, min/median/max over the runs for each side and the ratio of medians ours/TRL (> 1 is
 better for throughput, < 1 is better for memory). Each run is a fresh process; its peak RSS comes from the
@@ -35,14 +37,10 @@ process made both sides many times slower from contention in our first runs. ppo
 run here; TRL is not past a few iterations, so its score varies a little between runs. SFT and reward: see
 compare_supervised.
 
-The TRL side runs in a benchmark-only venv that shares our torch (never let pip touch torch==2.13.0):
-
-    python -m venv --system-site-packages /tmp/trlvenv
-    /tmp/trlvenv/bin/pip install --no-deps -r benchmarks/requirements-trl.txt
-    /tmp/trlvenv/bin/python -c "import torch, trl; print(torch.__version__, trl.__version__)"   # 2.13.0 1.12.0
-
-(`--system-site-packages` reuses our torch, transformers, accelerate and datasets; `--no-deps` keeps pip from
-upgrading any of them. TRL 1.16, the newest, no longer ships PPOTrainer.) Our scripts never import TRL.
+The TRL side runs in a benchmark-only venv that sees our venv's torch, transformers and datasets through a .pth
+file (never let pip touch torch==2.13.0): the recipe is in benchmarks/requirements-trl.txt (TRL 1.16 for
+--task grpo; a TRL 1.12 venv for --task ppo, as 1.16 no longer ships PPOTrainer, and for the recorded sft/reward
+figures). Our scripts never import TRL.
 CPU timings on a shared machine are noisy: compare ratios from one session, never numbers across sessions.
 """
 
@@ -510,11 +508,92 @@ def compare_reward(a, work: Path):
     return compare_supervised(a, work, "reward")
 
 
+def arithmetic_policy(a, work: Path) -> Path:
+    """The arithmetic task (utils/arithmetic.py, seed --seed) and a policy that sft.py trained on it: a modest
+    accuracy that RL can raise. Built once into the work folder (or taken from --grpo-task: a folder with sft/,
+    rl_train.jsonl and test.jsonl)."""
+    if a.grpo_task:
+        return Path(a.grpo_task)
+    from utils import arithmetic
+
+    task = arithmetic.build(work / "arith", a.seed)
+    run_child([sys.executable, str(ROOT / "sft.py"), "--model", task / "init", "--dataset", task / "sft_train.jsonl",
+               "--output-dir", task / "sft", "--max-steps", a.sft_steps, "--batch-size", 64, "--learning-rate", "5e-4",
+               "--lr-scheduler", "constant", "--eval-fraction", "0", "--save-every", 1000000, "--seed", a.seed,
+               "--overwrite"],
+              work / "arith-sft.log", child_env(a.threads))
+    return task
+
+
+def greedy_accuracy(model_dir: Path, problems: list) -> float:
+    """Held-out exact-match accuracy of greedy completions, the same function for both sides' final models."""
+    from utils.arithmetic import evaluate
+
+    return evaluate(model_dir, problems)["accuracy"]
+
+
+def compare_grpo(a, work: Path):
+    """grpo.py vs TRL's GRPOTrainer: the same policy (a tiny character-level GPT-2 that sft.py trained on
+    utils/arithmetic.py's sums), the same problems (their order is each side's own), G, prompts per step, completion
+    length, temperature 1 from the full distribution, loss dapo, group std scaling, no KL (beta 0: neither loads
+    a reference), mu 1, constant learning rate, AdamW without weight decay, gradient clipping at 1, fp32, one
+    optimizer step per generation batch with --gradient-accumulation-steps micro-batches. The reward is the same
+    accuracy check. Measured: completions/s (first step a warm-up), the process's peak RSS, and the held-out greedy
+    accuracy of each side's final model after the same number of completions (the same evaluation code)."""
+    from utils.assets import read_jsonl
+
+    task = arithmetic_policy(a, work)
+    test = read_jsonl(task / "test.jsonl")[: a.eval_examples]
+    start_accuracy = greedy_accuracy(task / "sft", test)
+    env, rows = child_env(a.threads), []
+    completions = a.prompts_per_step * a.num_generations
+    print(f"grpo: {a.steps} steps ({a.steps - 1} timed) x {completions} completions ({a.prompts_per_step} prompts x "
+          f"G {a.num_generations}, <= {a.max_completion_length} tokens) x {a.runs} runs each, alternating; lr "
+          f"{a.learning_rate}; held-out greedy accuracy before: {start_accuracy:.3f} on {len(test)} problems")
+    for r in range(a.runs):
+        for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+            out = work / f"grpo-{side}-{r}"
+            if side == "ours":
+                cmd = [sys.executable, str(ROOT / "grpo.py"), "--model", task / "sft", "--dataset",
+                       task / "rl_train.jsonl", "--output-dir", out, "--device", a.device, "--seed", a.seed,
+                       "--num-steps", a.steps, "--prompts-per-step", a.prompts_per_step, "--num-generations",
+                       a.num_generations, "--max-completion-length", a.max_completion_length, "--learning-rate",
+                       a.learning_rate, "--gradient-accumulation-steps", a.gradient_accumulation_steps,
+                       "--loss-type", "dapo", "--scale-rewards", "group", "--beta", "0", "--save-every", 1000000,
+                       "--reward-fn", "accuracy", "--overwrite", *a.extra.split()]
+                child = run_child(cmd, work / f"grpo-{side}-{r}.log", env)
+                metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+                step_s = [m["perf/step_s"] for m in metrics if "perf/step_s" in m]
+            else:
+                cfg = dict(task="grpo", root=str(ROOT), policy=str(task / "sft"), dataset=str(task / "rl_train.jsonl"),
+                           output_dir=str(out), device=a.device, seed=a.seed, threads=a.threads, steps=a.steps,
+                           prompts_per_step=a.prompts_per_step, num_generations=a.num_generations,
+                           max_completion_length=a.max_completion_length, temperature=1.0, loss_type="dapo",
+                           scale_rewards="group", beta=0.0, epsilon=0.2, num_iterations=1,
+                           learning_rate=a.learning_rate, gradient_accumulation_steps=a.gradient_accumulation_steps)
+                cfg_path, result_path = work / f"grpo-trl-{r}.json", work / f"grpo-trl-{r}.result.json"
+                cfg_path.write_text(json.dumps(cfg))
+                child = run_child([a.trl_python, str(TRL_RUNNER), str(cfg_path), str(result_path)],
+                                  work / f"grpo-{side}-{r}.log", env)
+                step_s = json.loads(result_path.read_text())["iteration_s"]
+            timed = step_s[1:] if len(step_s) > 1 else step_s
+            row = {"side": side, "completions/s": completions / statistics.mean(timed),
+                   "peak RSS MiB": child["peak_rss_mb"], "process wall s": child["wall_s"],
+                   "held-out accuracy": greedy_accuracy(out, test)}
+            rows.append(row)
+            print(f"  run {r} {side:<4}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "side"),
+                  flush=True)
+    keys = [("completions/s", ".1f"), ("peak RSS MiB", ".0f"), ("process wall s", ".1f"), ("held-out accuracy", ".3f")]
+    table = summarize(rows, keys, "grpo.py vs trl.GRPOTrainer (ratio = ours / TRL)")
+    return {"config": {k: str(v) for k, v in vars(a).items()}, "start_accuracy": start_accuracy, "rows": rows,
+            "table": table}
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--profile-child":  # internal: see profile_ppo
         return profile_child(sys.argv[2], sys.argv[3], sys.argv[4:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["ppo", "profile", "sft", "reward"], default="ppo")
+    p.add_argument("--task", choices=["ppo", "profile", "sft", "reward", "grpo"], default="ppo")
     p.add_argument("--runs", type=int, default=3, help="runs per side, alternating (>= 3 for min/median/max)")
     p.add_argument("--iterations", type=int, default=3, help="PPO iterations per run (the first is a warm-up)")
     p.add_argument("--batch-size", type=int, default=None, help="episodes (ppo; default 64) or examples/pairs per "
@@ -537,6 +616,13 @@ def main():
     p.add_argument("--steps", type=int, default=6, help="sft/reward: optimizer steps per run (the first: warm-up)")
     p.add_argument("--examples", type=int, default=1024, help="sft/reward: texts (pairs) in the data file")
     p.add_argument("--max-seq-length", type=int, default=128, help="sft/reward: tokens per text")
+    p.add_argument("--prompts-per-step", type=int, default=32, help="grpo: prompts per generation batch")
+    p.add_argument("--num-generations", type=int, default=8, help="grpo: completions per prompt (G)")
+    p.add_argument("--max-completion-length", type=int, default=6, help="grpo: tokens per completion at most")
+    p.add_argument("--sft-steps", type=int, default=350, help="grpo: sft.py steps that make the starting policy "
+                   "(as quickstart.py --pipeline grpo)")
+    p.add_argument("--eval-examples", type=int, default=1000, help="grpo: held-out problems for the accuracy")
+    p.add_argument("--grpo-task", default=None, help="grpo: an arithmetic task folder with sft/ (else built)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; off to match ours")
     p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of the TRL venv")
     p.add_argument("--extra", default="", help="extra ppo.py flags (our side only), e.g. '--lora-r 8'")
@@ -562,8 +648,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="compare_trl-") as tmp:
         work = Path(a.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        result = {"ppo": compare_ppo, "profile": profile_ppo, "sft": compare_sft, "reward": compare_reward}[a.task](
-            a, work)
+        tasks = {"ppo": compare_ppo, "profile": profile_ppo, "sft": compare_sft, "reward": compare_reward,
+                 "grpo": compare_grpo}
+        result = tasks[a.task](a, work)
         if a.json and result is not None:
             Path(a.json).write_text(json.dumps(result, indent=1, default=str))
 

@@ -1,4 +1,4 @@
-"""TRL side of benchmarks/compare_trl.py: runs one TRL trainer (PPO, SFT or reward) on a config written by
+"""TRL side of benchmarks/compare_trl.py: runs one TRL trainer (PPO, SFT, reward or GRPO) on a config written by
 compare_trl.py and writes timings to a JSON file. Runs inside the benchmark-only TRL venv, never in ours:
 
     /tmp/trlvenv/bin/python benchmarks/trl_runner.py CONFIG.json RESULT.json
@@ -232,6 +232,48 @@ def run_reward(cfg):
             "losses": [log["loss"] for log in clock.logs if "loss" in log]}
 
 
+def run_grpo(cfg):
+    """TRL's GRPOTrainer on the same model, problems, G, lengths, batch, loss and optimizer settings as grpo.py (see
+    compare_trl.py's compare_grpo); the reward is the same accuracy check (utils.rewards.reward_accuracy)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    sys.path.insert(0, cfg["root"])
+    from utils.rewards import reward_accuracy
+
+    def accuracy(prompts, completions, answer, **kwargs):
+        return reward_accuracy(prompts, completions, None, answer)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg["policy"])
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(cfg["policy"])
+    rows = [json.loads(line) for line in open(cfg["dataset"])]
+    dataset = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "answer": [r["answer"] for r in rows]})
+    completions_per_step = cfg["prompts_per_step"] * cfg["num_generations"]
+    config = GRPOConfig(
+        output_dir=cfg["output_dir"], report_to="none", seed=cfg["seed"], bf16=False, fp16=False,
+        gradient_checkpointing=False, use_cpu=cfg["device"] == "cpu", dataloader_num_workers=0,
+        per_device_train_batch_size=completions_per_step // cfg["gradient_accumulation_steps"],
+        gradient_accumulation_steps=cfg["gradient_accumulation_steps"], num_generations=cfg["num_generations"],
+        max_completion_length=cfg["max_completion_length"], temperature=cfg["temperature"], top_k=0, top_p=1.0,
+        loss_type=cfg["loss_type"], scale_rewards=cfg["scale_rewards"], beta=cfg["beta"], epsilon=cfg["epsilon"],
+        num_iterations=cfg["num_iterations"], learning_rate=cfg["learning_rate"], lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=1.0, max_steps=cfg["steps"], logging_steps=1, save_strategy="no",
+        disable_tqdm=True, eval_strategy="no", log_completions=False,
+    )
+    clock = step_clock()
+    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[clock])
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    trainer.save_model(cfg["output_dir"])
+    tokenizer.save_pretrained(cfg["output_dir"])
+    return {"iteration_s": iteration_seconds(clock), "train_s": train_s,
+            "rewards": [log["reward"] for log in clock.logs if "reward" in log]}
+
+
 def main():
     cfg_path, result_path = sys.argv[1], sys.argv[2]
     cfg = json.load(open(cfg_path))
@@ -240,7 +282,7 @@ def main():
         torch.set_num_threads(cfg["threads"])
     import trl
 
-    result = {"ppo": run_ppo, "sft": run_sft, "reward": run_reward}[cfg["task"]](cfg)
+    result = {"ppo": run_ppo, "sft": run_sft, "reward": run_reward, "grpo": run_grpo}[cfg["task"]](cfg)
     result.update(trl_version=trl.__version__, torch_version=torch.__version__,
                   torch_threads=torch.get_num_threads())
     with open(result_path, "w") as f:

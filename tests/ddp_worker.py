@@ -42,9 +42,46 @@ def update(policy_dir, world_size, fsdp, queries, responses, scores):
     return weights, stats, kl_ctl.kl_coef
 
 
+def grpo_batch():
+    """4 prompts x 2 completions of unequal lengths (the loss normalisers must count tokens over both processes)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 4000, (n,), generator=g) for n in (3, 5, 2, 7)]
+    completions = [torch.randint(1, 4000, (n,), generator=g) for n in (6, 2, 5, 1, 3, 4, 2, 6)]
+    return prompts, completions, torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 2.0])
+
+
+def grpo_update(policy_dir, world_size, fsdp, prompts, completions, rewards, loss_type):
+    """One grpo.py step (2 passes: the second off-policy; 2 micro-batches; batch-scaled advantages; KL to a
+    reference) from fixed weights."""
+    import grpo
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    ref = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    args = grpo.check_args(grpo.Args(prompts_per_step=4, num_generations=2, gradient_accumulation_steps=2,
+                                     num_iterations=2, scale_rewards="batch", beta=0.1, loss_type=loss_type,
+                                     learning_rate=0.1, fsdp=fsdp), world_size)
+    wrapped = distribute(policy, torch.device("cpu"), fsdp, lms=(policy, ref))
+    optimizer = torch.optim.SGD(policy.parameters(), lr=args.learning_rate)  # Adam would amplify float noise
+    stats = grpo.grpo_step(args, wrapped, ref, optimizer, prompts, completions, rewards,
+                           generator=torch.Generator().manual_seed(0))
+    weights = ppo.full_state_dicts(policy, None, fsdp)[0] if fsdp else policy.state_dict()
+    return weights, stats
+
+
 if __name__ == "__main__":
     policy_dir, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     device, rank, world_size = init_distributed("cpu")
+    if mode.startswith("grpo"):  # grpo-ddp: each rank takes whole groups (2 prompts, their 4 completions)
+        prompts, completions, rewards = grpo_batch()
+        got = {t: grpo_update(policy_dir, world_size, False, prompts[rank * 2 : rank * 2 + 2],
+                              completions[rank * 4 : rank * 4 + 4], rewards[rank * 4 : rank * 4 + 4], t)
+               for t in ("dapo", "grpo", "dr_grpo")}
+        if rank == 0:
+            torch.save(got, out)
+        torch.distributed.destroy_process_group()
+        sys.exit(0)
     queries, responses, scores, x, mask = fixed_batch()
     half = slice(rank * 4, rank * 4 + 4)
     rows = slice(rank * 2, rank * 2 + 2)

@@ -1,7 +1,7 @@
 """Reward functions used by the tests through `--reward-fn tests/rewards.py:NAME` (as a user would)."""
 
 
-def letter_e_fraction(prompts, completions, completion_ids):
+def letter_e_fraction(prompts, completions, completion_ids, **columns):
     """Fraction of the completion's characters that are the letter 'e': dense, and climbable only by a policy
     that really shifts probability towards e-heavy tokens."""
     return [c.count("e") / max(len(c), 1) for c in completions]

@@ -107,7 +107,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_last_checkpoint_stays
     assert str(exit_info.value.code).startswith(f"error: the disk holding {tmp_path / 'run'} is full")
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "ppo_seq2seq.py", "sft.py", "reward.py", "ddpo.py"])
+@pytest.mark.parametrize("script", ["ppo.py", "ppo_seq2seq.py", "sft.py", "reward.py", "ddpo.py", "grpo.py"])
 def test_help_says_what_resume_and_overwrite_do(script):
     from conftest import run_script
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 PPO_PANELS = [("objective/scores", "score (reward model)"), ("objective/kl", "KL to reference (nats/seq)"),
-              ("objective/entropy", "entropy (nats/token)"), ("objective/kl_coef", "KL coefficient beta")]
+              ("objective/entropy", "entropy (nats/token)"), ("objective/kl_coef", "KL coefficient kl_coef")]
 
 
 def plot_metrics(metrics_path, out_png=None, panels=PPO_PANELS, step_key="iteration", title=None) -> Path:

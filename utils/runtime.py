@@ -4,6 +4,7 @@ folder and atomic writes, argument checks and the command line. Nothing here is 
 import dataclasses
 import errno
 import json
+import math
 import os
 import resource
 import shutil
@@ -222,6 +223,16 @@ def changed_flags(args, saved: dict, may_change: tuple) -> list:
     now = json.loads(json.dumps(dataclasses.asdict(args)))  # the same types as read back from args.json
     return [f"--{name.replace('_', '-')} {saved[name]} -> {value}" for name, value in now.items()
             if name not in may_change and name not in derived and name in saved and saved[name] != value]
+
+
+def learning_rate_at(step: int, num_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup from 0, then cosine/linear decay to 0."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
+    return peak * (1 - progress) if schedule == "linear" else peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def exact_div(a: int, b: int, what: str) -> int:
