@@ -243,3 +243,37 @@ def test_helpers_copied_from_ppo_are_identical():
     for name in ("logprobs_of", "entropy_of", "truncate_after_stop"):
         assert inspect.getsource(getattr(grpo, name)) == inspect.getsource(getattr(ppo, name)), name
     assert grpo.batch_indices is ppo.batch_indices and grpo.save_checkpoint is ppo.save_checkpoint  # plumbing: one copy
+
+
+def test_chat_prompts_are_rendered_with_the_template_and_generation_prompt(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "chat_policy"
+    AutoModelForCausalLM.from_pretrained(assets / "policy").save_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(assets / "policy")
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.save_pretrained(model_dir)
+    rows = [{"prompt": [{"role": "user", "content": f"{a}+{a}="}], "answer": str(2 * a)} for a in range(8)]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    import datasets
+
+    prompts, _ = grpo.render_prompts(datasets.Dataset.from_list(rows), tokenizer, "prompt", 64)
+    assert tokenizer.decode(prompts[3]) == "<user>3+3=<assistant>"  # ends with the generation prompt
+    args = run_args(assets, tmp_path, model=str(model_dir), dataset=str(tmp_path / "chat.jsonl"), eval_dataset=None,
+                    num_steps=1)
+    assert read_metrics(grpo.main(args))[-1]["step"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_end_to_end_then_resume_in_one_process(assets, tmp_path, mode):
+    out = tmp_path / "run"
+    flags = ["--model", assets / "policy", "--dataset", sums(tmp_path), "--output-dir", out, "--prompts-per-step", 4,
+             "--num-generations", 2, "--max-completion-length", 4, "--beta", 0.1, "--learning-rate", 1e-4,
+             "--lr-scheduler", "constant"]
+    proc = torchrun(ROOT / "grpo.py", *flags, "--num-steps", 2, *(["--fsdp"] if mode == "fsdp" else []))
+    assert proc.stdout.count("step    1 |") == 1  # only rank 0 prints
+    AutoModelForCausalLM.from_pretrained(out)
+    run_script(ROOT / "grpo.py", *flags, "--num-steps", 3, "--resume")
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
