@@ -383,8 +383,8 @@ def grpo_step(args: Args, policy, ref_lm, optimizer, prompts, completions, rewar
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     train_time = time.perf_counter() - start
-    kl, clip_low, clip_high, entropy = (all_gather(token_sums.unsqueeze(0)).sum(0)[:4] / token_sums.new_tensor(
-        max(all_gather(token_sums[4:].unsqueeze(0)).sum().item(), 1.0))).tolist()  # token means over every process
+    totals = all_gather(token_sums.unsqueeze(0)).sum(0)  # sums over every process
+    kl, clip_low, clip_high, entropy = (totals[:4] / totals[4].clamp(min=1)).tolist()  # token means
     lengths = torch.tensor([float(len(c)) for c in completions])
     return mean_over_processes({
         "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
@@ -537,7 +537,8 @@ def main(args: Args):
         generate_time = time.perf_counter() - start
 
         # Score: each reward source on the decoded completions (the dataset's other columns as keywords)
-        prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+        prompt_texts = [t for t in tokenizer.batch_decode([prompts[i] for i in indices], skip_special_tokens=True)
+                        for _ in range(args.num_generations)]  # each prompt decoded once, repeated for its group
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         extra = {c: [v[i] for i in indices for _ in range(args.num_generations)] for c, v in columns.items()}
         rewards, parts = total_reward(reward_model, reward_fns, args.reward_weights,
