@@ -33,7 +33,7 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed
 from utils.hub import UserError, check_paths, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, compile_blocks, fuse_gelu
+from utils.models import add_lora, compile_blocks, fuse_gelu, lm_head_weight
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
 
@@ -399,26 +399,12 @@ def chunked_lm_loss(hidden, weight, labels, chunk: int):
     return nll, (targets != -100).sum()
 
 
-def head_for_chunked_loss(model, inputs, chunk: int, fsdp: bool):
-    """The LM head's weight if the chunked loss reproduces this model's logits (a bias-free linear head applied to
-    the last hidden states, no logit scaling or soft-capping: checked on the last position of a real batch), else
-    None and the plain loss is used. Under FSDP the head's weight exists whole only inside the forward: None."""
-    head = model.get_output_embeddings()
-    if chunk <= 0 or fsdp or not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        return None
-    with torch.no_grad(), autocast(inputs["input_ids"].device):
-        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        logits = out.hidden_states[-1][:, -1:] @ head.weight.T
-        same = torch.allclose(logits.float(), out.logits.float(), atol=1e-3, rtol=1e-3)
-    return head.weight if same else None
-
-
 @torch.no_grad()
 def evaluate(model, examples, micro_batch_size: int, pad_id: int, device, rank: int = 0, world_size: int = 1,
              head_weight=None, chunk: int = 0) -> dict:
     """Mean next-token loss per target token over `examples`, and its perplexity (dropout off). Under torchrun
     each process evaluates every world_size-th micro-batch and the sums are added up: the single-process result.
-    With head_weight (see head_for_chunked_loss) the logits are computed `chunk` tokens at a time."""
+    With head_weight (utils.models.lm_head_weight) the logits are computed `chunk` tokens at a time."""
     model.eval()
     batches = [examples[i : i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)]
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed nll, target count
@@ -606,8 +592,9 @@ def main(args: Args):
               f"({n_trained / 1e6:.2f}M trained); outputs in {out_dir}")
 
     pad_id = tokenizer.pad_token_id
-    head_weight = head_for_chunked_loss(unwrapped, collate(train_examples[:1], pad_id, device)[0],
-                                        args.loss_chunk_size, args.fsdp)
+    # the LM head's weight if the chunked loss reproduces the model's logits (else None: the plain loss)
+    head_weight = lm_head_weight(unwrapped, collate(train_examples[:1], pad_id, device)[0], args.fsdp) \
+        if args.loss_chunk_size > 0 else None
     if start_step == 0 and eval_examples:
         stats = evaluate(model, eval_examples, args.micro_batch_size, pad_id, device, rank, world_size, head_weight,
                          args.loss_chunk_size)

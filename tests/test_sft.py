@@ -213,9 +213,11 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients():
 
 
 def test_chunked_loss_is_used_only_where_it_reproduces_the_logits(assets, tokenizer):
+    from utils.models import lm_head_weight
+
     model = AutoModelForCausalLM.from_pretrained(assets / "policy")
     inputs = {"input_ids": torch.tensor([[5, 9, 200, 31]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
-    assert sft.head_for_chunked_loss(model, inputs, 1024, fsdp=False) is model.lm_head.weight
+    assert lm_head_weight(model, inputs, fsdp=False) is model.lm_head.weight
     texts = ["A fine film.", "Dull, long and loud; I left early.", "Great cast."]
     examples, _, _ = sft.tokenize(datasets.Dataset.from_list([{"text": t} for t in texts]), "text", "text",
                                   tokenizer, 64, completion_only=False)
@@ -223,8 +225,7 @@ def test_chunked_loss_is_used_only_where_it_reproduces_the_logits(assets, tokeni
     plain = sft.evaluate(model, examples, 2, tokenizer.pad_token_id, cpu)
     chunked = sft.evaluate(model, examples, 2, tokenizer.pad_token_id, cpu, head_weight=model.lm_head.weight, chunk=5)
     assert chunked["eval/loss"] == pytest.approx(plain["eval/loss"], rel=1e-6)
-    assert sft.head_for_chunked_loss(model, inputs, 0, fsdp=False) is None  # turned off
-    assert sft.head_for_chunked_loss(model, inputs, 1024, fsdp=True) is None
+    assert lm_head_weight(model, inputs, fsdp=True) is None
 
     class ScaledLogits(torch.nn.Module):  # a model that scales its logits after the head (as Cohere's do)
         def __init__(self, lm):
@@ -239,7 +240,7 @@ def test_chunked_loss_is_used_only_where_it_reproduces_the_logits(assets, tokeni
             out.logits = out.logits * 2.0
             return out
 
-    assert sft.head_for_chunked_loss(ScaledLogits(model), inputs, 1024, fsdp=False) is None
+    assert lm_head_weight(ScaledLogits(model), inputs, fsdp=False) is None
 
 
 def test_learning_rate_schedule_hand_computed():

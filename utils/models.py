@@ -30,6 +30,23 @@ def fuse_gelu(model: torch.nn.Module) -> int:
     return len(swaps)
 
 
+def lm_head_weight(model, inputs: dict, fsdp: bool):
+    """The LM head's weight W if the model's logits are exactly last_hidden_state @ W.T (a bias-free linear head, no
+    logit scaling or soft-capping: checked on the last position of a real batch `inputs`), else None. Scripts then
+    apply the head to the positions that need logits only (sft.py in chunks, dpo.py at completion tokens). Under FSDP
+    the head's weight exists whole only inside the forward: None."""
+    from utils.runtime import autocast
+
+    head = model.get_output_embeddings()
+    if fsdp or not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    with torch.no_grad(), autocast(inputs["input_ids"].device):
+        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        logits = out.hidden_states[-1][:, -1:] @ head.weight.T
+        same = torch.allclose(logits.float(), out.logits.float(), atol=1e-3, rtol=1e-3)
+    return head.weight if same else None
+
+
 def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     """torch.compile each transformer block in place (regional compilation: the blocks share their code, so one
     compilation serves them all and starts in seconds, not minutes; parameter names stay as they are, so
