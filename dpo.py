@@ -33,7 +33,7 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import all_gather, distribute, distributed, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, fuse_gelu
+from utils.models import add_lora, fuse_gelu, lm_head_weight
 from utils.prompts import check_context, right_pad
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
@@ -181,8 +181,8 @@ def check_columns(columns: list[str], flag: str = "--dataset"):
 def split_pair(example: dict, tokenizer) -> tuple[str, str, str, bool]:
     """(prompt, chosen, rejected) texts of one pair, and whether they are chat-template text. Without a prompt column
     the prompt is the part the two share: the common leading messages of conversations, or the common start of two
-    texts cut back to before a whitespace (no word is split). Conversations are rendered with the tokenizer's chat template:
-    the prompt with the generation prompt, each completion as the rest of the whole conversation's text."""
+    texts cut back to before a whitespace (no word is split). Conversations are rendered with the tokenizer's chat
+    template: the prompt with the generation prompt, each completion as the rest of the whole conversation's text."""
     chosen, rejected, prompt = example["chosen"], example["rejected"], example.get("prompt")
     if isinstance(chosen, list) != isinstance(rejected, list):
         raise UserError("--dataset: 'chosen' and 'rejected' must both be text or both be lists of messages")
@@ -246,27 +246,29 @@ def tokenize_pairs(dataset, tokenizer, max_prompt_length: int, max_length: int):
 
 
 # Log-probabilities and the losses (tested against hand-computed values in tests/test_dpo.py) -------------------------
-def logprobs_of(logits, tokens):
-    """log p(token) under softmax(logits). logits [batch, len, vocab], tokens [batch, len] -> [batch, len]."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def concatenated_logps(model, pairs, pad_id: int, device):
+def concatenated_logps(model, pairs, pad_id: int, device, head=None):
     """Summed log-probs of the completion tokens (prompt masked) of the chosen and the rejected sequences of `pairs`,
     from one forward over the concatenated batch [chosen..., rejected...] (right-padded: positions need no ids).
-    A first token with nothing before it (no prompt, no BOS) has no prediction and is left out.
+    A first token with nothing before it (no prompt, no BOS) has no prediction and is left out. head: the LM head's
+    weight (utils.models.lm_head_weight) to compute logits only where a completion token is predicted (prompts and
+    padding then cost no logits), or None for the model's own logits everywhere.
     Returns chosen_logps, rejected_logps [pairs] and the completion token counts [2 * pairs]."""
     sequences = [torch.tensor(p + c) for p, c, _ in pairs] + [torch.tensor(p + r) for p, _, r in pairs]
     input_ids, attention_mask = right_pad(sequences, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # shape: [2 * pairs, len]
     starts = torch.tensor([len(p) for p, _, _ in pairs] * 2, device=device).clamp(min=1)
-    positions = torch.arange(input_ids.shape[1], device=device)
-    completion_mask = (positions >= starts[:, None]) & attention_mask.bool()  # shape: [2 * pairs, len]
+    positions = torch.arange(1, input_ids.shape[1], device=device)
+    # position t predicts token t + 1: mask[:, t] says whether token t + 1 is a completion token
+    mask = (positions >= starts[:, None]) & attention_mask[:, 1:].bool()  # shape: [2 * pairs, len - 1]
     with autocast(device):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logps = logprobs_of(logits[:, :-1], input_ids[:, 1:])  # position t predicts token t + 1
-    mask = completion_mask[:, 1:]
-    sums = (logps * mask).sum(1)  # shape: [2 * pairs]
+        if head is None:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask]
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+                        logits_to_keep=input_ids.new_zeros(0))  # no logits from the model itself
+            logits = out.hidden_states[-1][:, :-1][mask] @ head.T  # shape: [completion tokens, vocab]
+    token_logps = torch.gather(F.log_softmax(logits.float(), -1), 1, input_ids[:, 1:][mask].unsqueeze(1)).squeeze(1)
+    sums = torch.zeros(mask.shape, device=device).masked_scatter(mask, token_logps).sum(1)  # shape: [2 * pairs]
     return sums[: len(pairs)], sums[len(pairs) :], mask.sum(1)
 
 
@@ -303,15 +305,16 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def pair_losses(policy, ref_lm, pairs, ref_logps, args: Args, pad_id: int, device):
+def pair_losses(policy, ref_lm, pairs, ref_logps, args: Args, pad_id: int, device, heads=(None, None)):
     """Losses, rewards and log-probs of a micro-batch of pairs. ref_logps [pairs, 2] (precomputed: chosen,
     rejected) or None: the reference scores them now, without gradients (ref_lm, or with ref_lm None the LoRA policy
-    with its adapters disabled). Returns (losses [pairs], stats: dict of [pairs] tensors, detached)."""
-    chosen_logps, rejected_logps, lengths = concatenated_logps(policy, pairs, pad_id, device)
+    with its adapters disabled). heads: the LM head weights of policy and reference (concatenated_logps) or None.
+    Returns (losses [pairs], stats: dict of [pairs] tensors, detached)."""
+    chosen_logps, rejected_logps, lengths = concatenated_logps(policy, pairs, pad_id, device, heads[0])
     if args.loss_type == "simpo":
         ref_logps = torch.zeros(len(pairs), 2, device=device)  # unused
     elif ref_logps is None:
-        ref_logps = reference_logps(ref_lm, unwrap(policy), pairs, pad_id, device)
+        ref_logps = reference_logps(ref_lm, unwrap(policy), pairs, pad_id, device, heads[1])
     ref_chosen, ref_rejected = ref_logps[:, 0], ref_logps[:, 1]
     if args.loss_type in ("ipo", "simpo"):  # per-token means: no preference for long or short completions
         n = len(pairs)
@@ -328,31 +331,31 @@ def pair_losses(policy, ref_lm, pairs, ref_logps, args: Args, pad_id: int, devic
 
 
 @torch.no_grad()
-def reference_logps(ref_lm, policy, pairs, pad_id: int, device):
+def reference_logps(ref_lm, policy, pairs, pad_id: int, device, head=None):
     """[pairs, 2] summed completion log-probs (chosen, rejected) under the reference: ref_lm, or with ref_lm None the
     LoRA policy with its adapters disabled (no second copy of the weights)."""
     if ref_lm is not None:
-        chosen, rejected, _ = concatenated_logps(ref_lm, pairs, pad_id, device)
+        chosen, rejected, _ = concatenated_logps(ref_lm, pairs, pad_id, device, head)
     else:
         with policy.disable_adapter():
-            chosen, rejected, _ = concatenated_logps(policy, pairs, pad_id, device)
+            chosen, rejected, _ = concatenated_logps(policy, pairs, pad_id, device, head)
     return torch.stack([chosen, rejected], 1).float()
 
 
-def precompute_reference(ref_lm, policy, pairs, micro_batch_size: int, pad_id: int, device):
+def precompute_reference(ref_lm, policy, pairs, micro_batch_size: int, pad_id: int, device, head=None):
     """reference_logps of every pair, once, [len(pairs), 2]. Under torchrun each process scores a contiguous block of
     ceil(n / processes) pairs (the last block padded, so every process runs as many forwards, as FSDP needs) and the
     blocks are gathered in rank order."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
     per = math.ceil(len(pairs) / world)
     block = [pairs[min(i, len(pairs) - 1)] for i in range(rank * per, (rank + 1) * per)]
-    out = [reference_logps(ref_lm, policy, block[i : i + micro_batch_size], pad_id, device)
+    out = [reference_logps(ref_lm, policy, block[i : i + micro_batch_size], pad_id, device, head)
            for i in tqdm(range(0, per, micro_batch_size), desc="reference log-probs", disable=rank != 0, leave=False)]
     return all_gather(torch.cat(out))[: len(pairs)]
 
 
 @torch.no_grad()
-def evaluate(policy, ref_lm, pairs, ref_logps, args: Args, pad_id: int, device) -> dict:
+def evaluate(policy, ref_lm, pairs, ref_logps, args: Args, pad_id: int, device, heads=(None, None)) -> dict:
     """eval/loss and eval/<TRL's metrics> over the held-out pairs. Each process scores every world_size-th
     micro-batch (all run as many forwards, as FSDP needs) and the sums are added: the one-process result."""
     rank = torch.distributed.get_rank() if distributed() else 0
@@ -361,7 +364,7 @@ def evaluate(policy, ref_lm, pairs, ref_logps, args: Args, pad_id: int, device) 
     for k in range(rank, math.ceil(len(batches) / args.world_size) * args.world_size, args.world_size):
         s = slice(batches[min(k, len(batches) - 1)], batches[min(k, len(batches) - 1)] + args.micro_batch_size)
         ref = ref_logps[s] if ref_logps is not None else None
-        losses, stats = pair_losses(policy, ref_lm, pairs[s], ref, args, pad_id, device)
+        losses, stats = pair_losses(policy, ref_lm, pairs[s], ref, args, pad_id, device, heads)
         if k < len(batches):  # one past the end counts for nothing
             sums += torch.stack([losses.sum(), *(v.sum() for v in stats.values())]).double()
     if distributed():
@@ -458,13 +461,19 @@ def main(args: Args):
     # Models: policy, reference (a frozen copy; the LoRA policy with adapters off; or log-probs computed once)
     torch.manual_seed(args.seed)
     policy, train_policy, ref_lm = make_policy(args, device, resume_from)
+    # Speed only: the LM heads' weights if logits = hidden @ W.T (then computed at completion tokens only), else None
+    p, c, _ = train_pairs[0]
+    example = {"input_ids": torch.tensor([p + c], device=device),
+               "attention_mask": torch.ones(1, len(p + c), dtype=torch.long, device=device)}
+    heads = tuple(lm_head_weight(m, example, args.fsdp) if m is not None else None
+                  for m in (unwrap(policy), ref_lm if ref_lm is not None else unwrap(policy)))
     train_ref, eval_ref = None, None
     if args.precompute_ref_logprobs:
         # the reference: the copy, the LoRA policy with adapters off (None), or the policy itself before its first step
         reference = ref_lm if ref_lm is not None or args.lora_r > 0 else unwrap(policy)
-        train_ref = precompute_reference(reference, unwrap(policy), train_pairs, args.micro_batch_size, pad_id, device)
-        eval_ref = precompute_reference(reference, unwrap(policy), eval_pairs, args.micro_batch_size, pad_id, device) \
-            if eval_pairs else None
+        train_ref, eval_ref = (precompute_reference(reference, unwrap(policy), pairs, args.micro_batch_size, pad_id,
+                                                    device, heads[1]) if pairs else None
+                               for pairs in (train_pairs, eval_pairs))
         ref_lm = None  # the copy is freed: no reference model in memory while training
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors
@@ -476,7 +485,7 @@ def main(args: Args):
               f"{world_size} x {device}; {trained / 1e6:.2f}M parameters trained; outputs in {out_dir}"
               + (f"; resumed from {resume_from} after step {start_step}" if resume_from else ""))
     if eval_pairs and start_step == 0:
-        stats = evaluate(train_policy, ref_lm, eval_pairs, eval_ref, args, pad_id, device)
+        stats = evaluate(train_policy, ref_lm, eval_pairs, eval_ref, args, pad_id, device, heads)
         if is_main:
             tracker.log({"step": 0, **stats})
 
@@ -498,7 +507,7 @@ def main(args: Args):
             # DDP all-reduces the gradients once per step, in the last micro-batch's backward
             with train_policy.no_sync() if world_size > 1 and not args.fsdp and not last else nullcontext():
                 losses, stats = pair_losses(train_policy, ref_lm, [train_pairs[i] for i in micro_indices], micro_ref,
-                                            args, pad_id, device)
+                                            args, pad_id, device, heads)
                 loss = losses.mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError("non-finite DPO loss: lower --learning-rate or check the data")
@@ -519,7 +528,7 @@ def main(args: Args):
             "perf/peak_memory_mb": peak_memory_mb(device),  # per process
         }, device)
         if eval_pairs and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.num_steps):
-            stats.update(evaluate(train_policy, ref_lm, eval_pairs, eval_ref, args, pad_id, device))
+            stats.update(evaluate(train_policy, ref_lm, eval_pairs, eval_ref, args, pad_id, device, heads))
         if is_main:
             tracker.log(stats)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}")

@@ -57,11 +57,14 @@ def random_pairs():
     return [(ids(3), ids(4), ids(2)), ([], ids(5), ids(6)), (ids(6), ids(1), ids(3))]
 
 
-def test_completion_logps_match_a_per_sequence_computation(assets):
+@pytest.mark.parametrize("head", ["model's logits", "head at completion tokens"])
+def test_completion_logps_match_a_per_sequence_computation(assets, head):
     """One right-padded forward over [chosen..., rejected...] == each sequence alone, summing log p of its
-    completion tokens; with no prompt (and no BOS) the first token, which nothing predicts, is left out."""
+    completion tokens; with no prompt (and no BOS) the first token, which nothing predicts, is left out. The same
+    with the LM head applied to the completion positions only."""
     policy, pairs = tiny_policy(assets), random_pairs()
-    chosen, rejected, lengths = dpo.concatenated_logps(policy, pairs, pad_id=0, device=torch.device("cpu"))
+    weight = policy.lm_head.weight if head == "head at completion tokens" else None
+    chosen, rejected, lengths = dpo.concatenated_logps(policy, pairs, pad_id=0, device=torch.device("cpu"), head=weight)
     for k, (prompt, *completions) in enumerate(pairs):
         for got, completion in zip((chosen[k], rejected[k]), completions):
             ids = torch.tensor([prompt + completion])
@@ -266,4 +269,6 @@ def test_dpo_learns_held_out_preferences(assets, prefs, tmp_path):
     assert final["eval/rewards/accuracies"] > DPO_ACCURACY, final
 
 
-DPO_ACCURACY = 0.6  # placeholder until the seed sweep
+# Over seeds 1-10 (data order; benchmarks/seed_sweep.py) the held-out accuracy was 0.73 to 0.83. Chance is 0.5, and
+# with the loss's margin negated by hand (a broken loss: rejected preferred) it was 0.21 (seed 1). 0.6 sits between.
+DPO_ACCURACY = 0.6
