@@ -461,6 +461,9 @@ def main(args: Args):
     # Models: policy, reference (a frozen copy; the LoRA policy with adapters off; or log-probs computed once)
     torch.manual_seed(args.seed)
     policy, train_policy, ref_lm = make_policy(args, device, resume_from)
+    # made before any forward: FSDP's root module keeps its weights gathered after one (other tensors than these)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay, fused=True)
     # Speed only: the LM heads' weights if logits = hidden @ W.T (then computed at completion tokens only), else None
     p, c, _ = train_pairs[0]
     example = {"input_ids": torch.tensor([p + c], device=device),
@@ -475,8 +478,6 @@ def main(args: Args):
                                                     device, heads[1]) if pairs else None
                                for pairs in (train_pairs, eval_pairs))
         ref_lm = None  # the copy is freed: no reference model in memory while training
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, fused=True)  # one kernel for all tensors
     start_step = load_training_state(resume_from, policy, optimizer, args.fsdp)["step"] if resume_from else 0
     if is_main:
         tracker = Tracker(out_dir, args, start_step, args.track, args.wandb_project, step_key="step")

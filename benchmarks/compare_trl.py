@@ -7,6 +7,7 @@ hyperparameters, alternating fresh processes (ours, TRL, ours, TRL, ...) so the 
     python benchmarks/compare_trl.py --task profile            # cProfile of ppo.py on the same configuration
     python benchmarks/compare_trl.py --task sft                # sft.py vs trl.SFTTrainer (tokens/s)
     python benchmarks/compare_trl.py --task reward             # reward.py vs trl.RewardTrainer (pairs/s)
+    python benchmarks/compare_trl.py --task dpo --trl-python /tmp/trl116/bin/python   # dpo.py vs trl.DPOTrainer
     python benchmarks/compare_trl.py --task grpo --trl-python /tmp/trl116/bin/python --steps 30 --learning-rate 3e-4
                                                                 # grpo.py vs trl.GRPOTrainer (TRL 1.16)
 
@@ -425,11 +426,13 @@ def supervised_stats(side, step_s, tokens, batch, child, unit) -> dict:
 
 
 def compare_supervised(a, work: Path, task: str):
-    """sft.py vs TRL's SFTTrainer, or reward.py vs TRL's RewardTrainer: same model (tiny/policy; a fresh 1-output
-    head for reward), the same texts (IMDB reviews cut to --max-seq-length - 4 tokens; reward pairs: a positive
-    review chosen over a negative one), batch, steps, constant learning rate, AdamW without weight decay,
-    gradient clipping at 1.0, dropout as the model's config (TRL's RewardTrainer disables it by default: turned
-    back on to match reward.py), fp32, no packing, no gradient checkpointing, no evaluation."""
+    """sft.py vs TRL's SFTTrainer, reward.py vs TRL's RewardTrainer, or dpo.py vs TRL's DPOTrainer: same model
+    (tiny/policy unless --policy; a fresh 1-output head for reward), the same texts (IMDB reviews cut to
+    --max-seq-length - 4 tokens; pairs: a positive review chosen over a negative one; for DPO after the prompt
+    "Review:"), batch, steps, constant learning rate, AdamW without weight decay, gradient clipping at 1.0, fp32, no
+    packing, no gradient checkpointing, no evaluation. Dropout as the model's config for SFT and reward (TRL's
+    RewardTrainer disables it by default: turned back on to match reward.py); off for DPO (both sides' default).
+    DPO: sigmoid loss, beta 0.1, a live reference copy on both sides."""
     script = ROOT / f"{task}.py"
     if not script.exists():
         raise SystemExit(f"--task {task}: {script.name} is not in the repository yet")
@@ -447,8 +450,15 @@ def compare_supervised(a, work: Path, task: str):
         pos = short_texts(tok, [r["text"] for r in pool if r["label"] == 1], cut, a.examples)
         neg = short_texts(tok, [r["text"] for r in pool if r["label"] == 0], cut, a.examples)
         records = [{"chosen": c, "rejected": r} for c, r in zip(pos, neg)]
+        if task == "dpo":  # a short prompt (masked from the loss on both sides); the reviews are the completions
+            records = [{"prompt": "Review:", "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
+                       for r in records]
     lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for rec in records for t in rec.values()]
     mean_len = statistics.mean(lengths)
+    if task == "dpo":  # the prompt is not a text of its own
+        lengths = [len(tok(rec[k], add_special_tokens=False)["input_ids"]) for rec in records
+                   for k in ("chosen", "rejected")]
+        mean_len = statistics.mean(lengths)
     print(f"{len(records)} {'texts' if task == 'sft' else 'pairs'}; tokens per text: mean {mean_len:.1f}, "
           f"min {min(lengths)}, max {max(lengths)}")
     with open(data, "w") as f:
@@ -461,12 +471,13 @@ def compare_supervised(a, work: Path, task: str):
         for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
             out = work / f"{task}-{side}-{r}"
             if side == "ours":
+                length = ["--max-length", str(a.max_seq_length)] if task == "dpo" else \
+                    ["--max-seq-length", str(a.max_seq_length), "--eval-fraction", "0"]
                 cmd = [sys.executable, str(script), "--model", str(a.policy), "--dataset", str(data),
                        "--output-dir", str(out), "--device", a.device, "--seed", str(a.seed),
-                       "--batch-size", str(a.batch_size), "--max-steps", str(a.steps),
-                       "--max-seq-length", str(a.max_seq_length), "--learning-rate", str(a.learning_rate),
-                       "--lr-scheduler", "constant", "--weight-decay", "0.0", "--max-grad-norm", "1.0",
-                       "--eval-fraction", "0", "--save-every", "1000000", *a.extra.split()]
+                       "--batch-size", str(a.batch_size), "--max-steps", str(a.steps), *length,
+                       "--learning-rate", str(a.learning_rate), "--lr-scheduler", "constant", "--weight-decay", "0.0",
+                       "--max-grad-norm", "1.0", "--save-every", "1000000", *a.extra.split()]
                 child = run_child(cmd, work / f"{task}-{side}-{r}.log", env)
                 metrics = [m for m in (json.loads(line) for line in open(out / "metrics.jsonl")) if m["step"] > 0]
                 if task == "sft":
@@ -474,14 +485,14 @@ def compare_supervised(a, work: Path, task: str):
                     # (+ EOS) to within the spread printed above, so a step holds batch x that
                     tokens = [a.batch_size * (mean_len + 1)] * len(metrics)
                     step_s = [t / m["perf/tokens_per_s"] for t, m in zip(tokens, metrics)]
-                else:  # a step scores batch x 2 texts of the same length (reward.py adds no EOS)
+                else:  # a step scores batch x 2 texts of the same length (reward.py adds no EOS, dpo.py does)
                     step_s = [a.batch_size / m["perf/pairs_per_s"] for m in metrics]
-                    tokens = [2 * a.batch_size * mean_len] * len(metrics)
+                    tokens = [2 * a.batch_size * (mean_len + (task == "dpo"))] * len(metrics)
             else:
                 cfg = dict(task=task, policy=str(a.policy), dataset=str(data), output_dir=str(out), device=a.device,
                            seed=a.seed, threads=a.threads, batch_size=a.batch_size, steps=a.steps,
                            max_seq_length=a.max_seq_length, learning_rate=a.learning_rate, max_grad_norm=1.0,
-                           max_examples=len(records), packing=False)
+                           max_examples=len(records), packing=False, beta=0.1)
                 cfg_path, result_path = work / f"{task}-trl-{r}.json", work / f"{task}-trl-{r}.result.json"
                 cfg_path.write_text(json.dumps(cfg))
                 child = run_child([a.trl_python, str(TRL_RUNNER), str(cfg_path), str(result_path)],
@@ -495,7 +506,7 @@ def compare_supervised(a, work: Path, task: str):
                   flush=True)
     keys = [("steps/s", ".2f"), (f"{unit}/s", ".1f"), ("tokens/s", ".0f")]
     keys += [("peak RSS MiB", ".0f"), ("process wall s", ".1f"), ("process cpu s", ".1f")]
-    trainer = "SFTTrainer" if task == "sft" else "RewardTrainer"
+    trainer = {"sft": "SFTTrainer", "reward": "RewardTrainer", "dpo": "DPOTrainer"}[task]
     table = summarize(rows, keys, f"{task}.py vs trl.{trainer} (ratio = ours / TRL)")
     return {"config": {k: str(v) for k, v in vars(a).items()}, "rows": rows, "table": table}
 
@@ -506,6 +517,10 @@ def compare_sft(a, work: Path):
 
 def compare_reward(a, work: Path):
     return compare_supervised(a, work, "reward")
+
+
+def compare_dpo(a, work: Path):
+    return compare_supervised(a, work, "dpo")
 
 
 def arithmetic_policy(a, work: Path) -> Path:
@@ -593,7 +608,7 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--profile-child":  # internal: see profile_ppo
         return profile_child(sys.argv[2], sys.argv[3], sys.argv[4:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["ppo", "profile", "sft", "reward", "grpo"], default="ppo")
+    p.add_argument("--task", choices=["ppo", "profile", "sft", "reward", "grpo", "dpo"], default="ppo")
     p.add_argument("--runs", type=int, default=3, help="runs per side, alternating (>= 3 for min/median/max)")
     p.add_argument("--iterations", type=int, default=3, help="PPO iterations per run (the first is a warm-up)")
     p.add_argument("--batch-size", type=int, default=None, help="episodes (ppo; default 64) or examples/pairs per "
@@ -627,6 +642,8 @@ def main():
     p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of the TRL venv")
     p.add_argument("--extra", default="", help="extra ppo.py flags (our side only), e.g. '--lora-r 8'")
     p.add_argument("--assets", default=str(ROOT / "tiny"))
+    p.add_argument("--policy", default=None, help="sft/reward/dpo: the model (default: the assets' tiny/policy); "
+                   "e.g. a folder saved by utils.assets.build_policy with other sizes")
     p.add_argument("--workdir", default=None, help="keep runs, logs and models here (default: a temp folder)")
     p.add_argument("--json", default=None, help="also write the rows and the table to this file")
     a = p.parse_args()
@@ -642,14 +659,14 @@ def main():
 
         torch.set_num_threads(a.threads)
     assets = build(a.assets)
-    a.policy, a.prompts, a.imdb = assets / "policy", assets / "prompts.jsonl", assets / "imdb"
+    a.policy, a.prompts, a.imdb = Path(a.policy or assets / "policy"), assets / "prompts.jsonl", assets / "imdb"
     if a.task != "profile" and not Path(a.trl_python).exists():
         raise SystemExit(f"--trl-python {a.trl_python} not found: create the TRL venv (see this file's docstring)")
     with tempfile.TemporaryDirectory(prefix="compare_trl-") as tmp:
         work = Path(a.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         tasks = {"ppo": compare_ppo, "profile": profile_ppo, "sft": compare_sft, "reward": compare_reward,
-                 "grpo": compare_grpo}
+                 "grpo": compare_grpo, "dpo": compare_dpo}
         result = tasks[a.task](a, work)
         if a.json and result is not None:
             Path(a.json).write_text(json.dumps(result, indent=1, default=str))

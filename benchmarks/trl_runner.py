@@ -1,4 +1,4 @@
-"""TRL side of benchmarks/compare_trl.py: runs one TRL trainer (PPO, SFT, reward or GRPO) on a config written by
+"""TRL side of benchmarks/compare_trl.py: runs one TRL trainer (PPO, SFT, reward, GRPO or DPO) on a config written by
 compare_trl.py and writes timings to a JSON file. Runs inside the benchmark-only TRL venv, never in ours:
 
     /tmp/trlvenv/bin/python benchmarks/trl_runner.py CONFIG.json RESULT.json
@@ -232,6 +232,44 @@ def run_reward(cfg):
             "losses": [log["loss"] for log in clock.logs if "loss" in log]}
 
 
+def run_dpo(cfg):
+    """TRL's DPOTrainer on the same model, pairs, batch, max length, beta and optimizer settings as dpo.py (sigmoid
+    loss, live reference copy, dropout off as both default)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg["policy"])
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(cfg["policy"])
+    pairs = [json.loads(line) for line in open(cfg["dataset"])][: cfg["max_examples"]]
+    dataset = Dataset.from_dict({k: [p[k] for p in pairs] for k in ("prompt", "chosen", "rejected")})
+    config = DPOConfig(
+        output_dir=cfg["output_dir"], report_to="none", seed=cfg["seed"], bf16=False, fp16=False,
+        gradient_checkpointing=False, per_device_train_batch_size=cfg["batch_size"], gradient_accumulation_steps=1,
+        max_steps=cfg["steps"], learning_rate=cfg["learning_rate"], lr_scheduler_type="constant",
+        max_length=cfg["max_seq_length"], save_strategy="no", logging_steps=1, disable_tqdm=True,
+        dataloader_num_workers=0, use_cpu=cfg["device"] == "cpu", eval_strategy="no",
+        max_grad_norm=cfg["max_grad_norm"], beta=cfg["beta"], loss_type=["sigmoid"],
+    )
+    clock = step_clock()
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[clock])
+    tokens = []
+    collator = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collator(features)
+        tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    start = time.perf_counter()
+    trainer.train()
+    return {"iteration_s": iteration_seconds(clock), "train_s": time.perf_counter() - start, "tokens": tokens,
+            "losses": [log["loss"] for log in clock.logs if "loss" in log]}
+
+
 def run_grpo(cfg):
     """TRL's GRPOTrainer on the same model, problems, G, lengths, batch, loss and optimizer settings as grpo.py (see
     compare_trl.py's compare_grpo); the reward is the same accuracy check (utils.rewards.reward_accuracy)."""
@@ -282,7 +320,7 @@ def main():
         torch.set_num_threads(cfg["threads"])
     import trl
 
-    result = {"ppo": run_ppo, "sft": run_sft, "reward": run_reward, "grpo": run_grpo}[cfg["task"]](cfg)
+    result = {"ppo": run_ppo, "sft": run_sft, "reward": run_reward, "grpo": run_grpo, "dpo": run_dpo}[cfg["task"]](cfg)
     result.update(trl_version=trl.__version__, torch_version=torch.__version__,
                   torch_threads=torch.get_num_threads())
     with open(result_path, "w") as f:

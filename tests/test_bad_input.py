@@ -69,6 +69,8 @@ def world(assets, tmp_path_factory):
                    "--batch-size", 2, "--max-seq-length", 32],
         "reward.py": ["--model", assets / "reward", "--dataset", tmp / "pairs.jsonl", "--max-steps", 1,
                       "--batch-size", 2, "--max-seq-length", 32],
+        "dpo.py": ["--model", assets / "policy", "--dataset", tmp / "pairs.jsonl", "--max-steps", 1, "--batch-size", 2,
+                   "--max-length", 32],
         "ddpo.py": ["--model", tiny_sd.build(ROOT / "tiny" / "sd"), "--prompts", tmp / "prompts.txt", "--num-epochs", 1,
                     "--num-steps", 2, "--sample-batch-size", 2, "--num-batches-per-epoch", 1, "--train-batch-size",
                     2, "--gradient-accumulation-steps", 1],
@@ -84,6 +86,8 @@ CASES = [
     ("sft.py", ["--model", "./nope"], "--model './nope': no such file or folder"),
     ("reward.py", ["--model", "./nope"], "--model './nope': no such file or folder"),
     ("ddpo.py", ["--model", "./nope"], "--model './nope': no such file or folder"),
+    ("dpo.py", ["--model", "./nope"], "--model './nope': no such file or folder"),
+    ("dpo.py", ["--eval-dataset", "data/nope.jsonl"], "--eval-dataset 'data/nope.jsonl': no such file or folder"),
     ("ppo.py", ["--dataset", "data/nope.jsonl"], "--dataset 'data/nope.jsonl': no such file or folder"),
     ("sft.py", ["--dataset", "data/nope.jsonl"], "--dataset 'data/nope.jsonl': no such file or folder"),
     ("reward.py", ["--eval-dataset", "data/nope.jsonl"], "--eval-dataset 'data/nope.jsonl': no such file or folder"),
@@ -96,12 +100,15 @@ CASES = [
     # remote code needs the explicit flag
     ("ppo.py", ["--model", "T/remote_code_model"], "--trust-remote-code"),
     ("sft.py", ["--model", "T/remote_code_model"], "--trust-remote-code"),
+    ("dpo.py", ["--model", "T/remote_code_model"], "--trust-remote-code"),
     # numbers that cannot work
     ("ppo.py", ["--save-every", 0], "--save-every must be > 0"),
     ("ppo_seq2seq.py", ["--save-every", 0], "--save-every must be > 0"),
     ("sft.py", ["--save-every", 0], "--save-every must be > 0"),
     ("reward.py", ["--save-every", 0], "--save-every must be > 0"),
     ("ddpo.py", ["--save-every", 0], "--save-every must be > 0"),
+    ("dpo.py", ["--beta", 0], "--beta must be > 0"),
+    ("dpo.py", ["--dataset", "T/prompts.txt"], "needs the columns 'chosen' and 'rejected'"),
     ("ppo.py", ["--total-episodes", 0], "--total-episodes must be > 0"),
     ("ppo.py", ["--ppo-epochs", 0], "--ppo-epochs must be > 0"),
     ("ppo.py", ["--response-length", 0], "--response-length must be > 0"),
@@ -119,6 +126,8 @@ CASES = [
     ("ppo_seq2seq.py", ["--model", "T/small_vocab_t5"], "the model's embedding only"),
     ("reward.py", ["--model", "T/small_vocab_reward"], "the model's embedding only"),
     ("sft.py", ["--model", "T/small_vocab_policy"], "--model's embedding only"),
+    ("dpo.py", ["--model", "T/small_vocab_policy"], "the model's embedding only"),
+    ("dpo.py", ["--model", "T/no_eos_policy"], "neither a pad nor an EOS token"),
     ("ppo.py", ["--model", "T/no_eos_policy"], "neither a pad nor an EOS token"),
     ("reward.py", ["--model", "T/no_eos_reward"], "neither a pad nor an EOS token"),
     ("ppo.py", ["--reward-model", "T/no_eos_reward"], "neither a pad nor an EOS token"),
@@ -127,6 +136,8 @@ CASES = [
     ("sft.py", ["--output-dir", "T/a_file/run"], "cannot be written to"),
     ("ppo.py", ["--output-dir", "T/old_run"], "already holds a run: pass --resume to continue it or --overwrite"),
     ("ddpo.py", ["--output-dir", "T/old_run"], "already holds a run: pass --resume to continue it or --overwrite"),
+    ("dpo.py", ["--output-dir", "T/changed_run", "--resume", "--seed", 7],
+     "--resume with flags that change the result: --batch-size 999 -> 2"),
     ("sft.py", ["--output-dir", "T/old_run", "--resume", "--overwrite"], "pass one of them"),
     ("reward.py", ["--output-dir", "T/changed_run", "--resume", "--seed", 7],
      "--resume with flags that change the result: --batch-size 999 -> 2"),
@@ -163,7 +174,8 @@ def test_careless_input_ends_in_one_clear_line(world, assets, script, flags, mes
 
 
 def test_there_are_at_least_30_cases_over_every_script():
-    assert len(CASES) >= 30 and {c[0] for c in CASES} == {"ppo.py", "ppo_seq2seq.py", "sft.py", "reward.py", "ddpo.py"}
+    assert len(CASES) >= 30 and {c[0] for c in CASES} == {"ppo.py", "ppo_seq2seq.py", "sft.py", "reward.py", "ddpo.py",
+                                                        "dpo.py"}
 
 
 def test_a_few_cases_as_real_processes(world, assets):

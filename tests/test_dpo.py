@@ -195,6 +195,14 @@ def test_precomputed_reference_equals_the_live_one(assets, prefs, tmp_path):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
 
 
+def test_gradient_checkpointing_changes_nothing(assets, prefs, tmp_path):
+    plain = read_metrics(dpo.main(run_args(assets, prefs, tmp_path / "a", max_steps=2)))
+    checkpointed = read_metrics(dpo.main(run_args(assets, prefs, tmp_path / "b", max_steps=2,
+                                                  gradient_checkpointing=True)))
+    for a, b in zip(without_perf(plain), without_perf(checkpointed)):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "simpo"])
 def test_every_loss_type_runs_and_learns_the_training_pairs(assets, prefs, tmp_path, loss_type):
     extra = {"label_smoothing": 0.1} if loss_type == "robust" else {}
@@ -245,7 +253,9 @@ def test_two_processes_train_like_one(assets, prefs, tmp_path, mode):
              "--max-eval-examples", 15, "--max-length", 48, "--max-steps", 3, "--batch-size", 8, "--learning-rate",
              1e-3, "--eval-every", 3]
     run_script("dpo.py", *flags, "--output-dir", tmp_path / "one")
-    proc = torchrun(ROOT / "dpo.py", *flags, "--output-dir", tmp_path / "two", *(["--fsdp"] if mode == "fsdp" else []))
+    # FSDP also scores the reference once before training (--precompute-ref-logprobs: a sharded pass, gathered)
+    extra = ["--fsdp", "--precompute-ref-logprobs"] if mode == "fsdp" else []
+    proc = torchrun(ROOT / "dpo.py", *flags, "--output-dir", tmp_path / "two", *extra)
     assert proc.stdout.count("step     3 |") == 1  # only rank 0 prints
     one, two = read_metrics(tmp_path / "one/metrics.jsonl"), read_metrics(tmp_path / "two/metrics.jsonl")
     for a, b in zip(without_perf(one), without_perf(two)):
