@@ -33,7 +33,7 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import all_gather, distribute, distributed, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, fuse_gelu, lm_head_weight
+from utils.models import add_lora, disable_dropout, fuse_gelu, lm_head_weight
 from utils.prompts import check_context, right_pad
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
@@ -69,7 +69,7 @@ class Args:
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory, ~30% slower"""
+    """recompute each block's activations in the backward pass: less memory, ~30% slower"""
 
     # data
     dataset: str = "trl-lib/ultrafeedback_binarized"
@@ -433,10 +433,9 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
         if not lm.supports_gradient_checkpointing:
             raise UserError(f"--gradient-checkpointing: {type(lm).__name__} does not support it")
         lm.activation_checkpointing_enable()  # non-reentrant: works with frozen (LoRA) base weights
-    policy = add_lora(lm, args, task_type="CAUSAL_LM").to(device)
-    # Dropout off (eval mode throughout, as TRL's default disable_dropout): the policy's and the reference's
-    # log-probs of a pair agree exactly at the start, so every implicit reward starts at 0.
-    policy.eval()
+    # Dropout off (as TRL's default disable_dropout), in train mode (activation checkpointing needs it): the policy's
+    # and the reference's log-probs of a pair agree exactly at the start, so every implicit reward starts at 0.
+    policy = add_lora(disable_dropout(lm), args, task_type="CAUSAL_LM").to(device).train()
     if resume_from is not None:
         load_weights(resume_from, policy)
     lms = (policy, ref_lm) if ref_lm is not None else (policy,)

@@ -195,7 +195,22 @@ def test_precomputed_reference_equals_the_live_one(assets, prefs, tmp_path):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
 
 
-def test_gradient_checkpointing_changes_nothing(assets, prefs, tmp_path):
+def test_gradient_checkpointing_recomputes_and_changes_nothing(assets, prefs, tmp_path):
+    """--gradient-checkpointing is active (each block runs again in the backward pass: the policy trains in train
+    mode with dropout set to 0, since transformers checkpoints only in training mode) and changes no number."""
+    args = dpo.check_args(run_args(assets, prefs, tmp_path, gradient_checkpointing=True))
+    policy, _, ref_lm = dpo.make_policy(args, torch.device("cpu"), None)
+    calls, mlp = [], policy.transformer.h[0].mlp  # called inside the checkpointed forward (hooks are not rerun)
+    mlp_forward = mlp.forward
+
+    def counted(*inputs, **kwargs):
+        calls.append(1)
+        return mlp_forward(*inputs, **kwargs)
+
+    mlp.forward = counted
+    losses, _ = dpo.pair_losses(policy, ref_lm, random_pairs(), None, args, pad_id=0, device=torch.device("cpu"))
+    losses.mean().backward()
+    assert len(calls) == 2 and policy.training  # the forward, then the recomputation
     plain = read_metrics(dpo.main(run_args(assets, prefs, tmp_path / "a", max_steps=2)))
     checkpointed = read_metrics(dpo.main(run_args(assets, prefs, tmp_path / "b", max_steps=2,
                                                   gradient_checkpointing=True)))

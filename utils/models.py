@@ -16,6 +16,16 @@ def add_lora(model, args, task_type: str):
                                             target_modules=args.lora_target_modules, task_type=task_type))
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout module's probability to 0 (as TRL's disable_dropout_in_model), so the model can stay in
+    train mode, which activation checkpointing needs (transformers checkpoints only modules in training mode), while
+    its outputs stay deterministic. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 def fuse_gelu(model: torch.nn.Module) -> int:
     """Swap transformers' NewGELUActivation (GPT-2's and T5 v1.1's "gelu_new": the tanh formula written as eight
     tensor ops, each a pass over the MLP's widest activation, several kept for backward) for torch's fused tanh
