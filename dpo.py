@@ -33,7 +33,7 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import all_gather, distribute, distributed, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, disable_dropout, fuse_gelu, lm_head_weight
+from utils.models import add_lora, disable_dropout, enable_checkpointing, fuse_gelu, lm_head_weight
 from utils.prompts import check_context, right_pad
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
@@ -430,9 +430,7 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
                                                                          resume_from is None)
     ref_lm = copy.deepcopy(lm).requires_grad_(False).to(device).eval() if needs_copy else None
     if args.gradient_checkpointing:
-        if not lm.supports_gradient_checkpointing:
-            raise UserError(f"--gradient-checkpointing: {type(lm).__name__} does not support it")
-        lm.activation_checkpointing_enable()  # non-reentrant: works with frozen (LoRA) base weights
+        enable_checkpointing(lm)
     # Dropout off (as TRL's default disable_dropout), in train mode (activation checkpointing needs it): the policy's
     # and the reference's log-probs of a pair agree exactly at the start, so every implicit reward starts at 0.
     policy = add_lora(disable_dropout(lm), args, task_type="CAUSAL_LM").to(device).train()

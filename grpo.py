@@ -33,7 +33,7 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import all_gather, distribute, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, fuse_gelu
+from utils.models import add_lora, disable_dropout, enable_checkpointing, fuse_gelu
 from utils.prompts import check_context, left_pad, render_prompts, right_pad, sample, stop_token_id
 from utils.rewards import (REWARD_FUNCTIONS, VERIFIABLE_REWARDS, RewardModel, check_reward_flags, load_reward_fns,
                            total_reward)
@@ -70,6 +70,8 @@ class Args:
     """policy: hub id or local folder of a causal LM"""
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in the backward pass: less memory, ~30% slower"""
     dataset: str = "openai/gsm8k"
     """problems: hub id, a save_to_disk folder or a .jsonl/.json/.csv/.parquet file"""
     dataset_config: Optional[str] = None
@@ -346,6 +348,8 @@ def grpo_step(args: Args, policy, ref_lm, optimizer, prompts, completions, rewar
                                             adapters_off_of=None if ref_lm is not None else model)
 
     # 3. mu passes over shuffled mini-batches, gradient accumulation over micro-batches
+    was_training = model.training  # activation checkpointing needs train mode (make_policy set dropout to 0)
+    model.train(was_training or args.gradient_checkpointing)
     epsilon_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     losses, grad_norms = [], []
     token_sums = torch.zeros(5, dtype=torch.float64, device=device)  # kl, clipped low, high, entropy, tokens
@@ -382,6 +386,7 @@ def grpo_step(args: Args, policy, ref_lm, optimizer, prompts, completions, rewar
                 grad_norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+    model.train(was_training)
     train_time = time.perf_counter() - start
     totals = all_gather(token_sums.unsqueeze(0)).sum(0)  # sums over every process
     kl, clip_low, clip_high, entropy = (totals[:4] / totals[4].clamp(min=1)).tolist()  # token means
@@ -453,11 +458,14 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     FSDP, or the policy) and the frozen reference: none when --beta is 0 (never loaded: a whole model's memory saved)
     or under LoRA (the policy with its adapters disabled)."""
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code)
-    fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2)
+    fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
     ref_lm = None if args.beta == 0 or args.lora_r > 0 else copy.deepcopy(lm).requires_grad_(False).to(device).eval()
+    if args.gradient_checkpointing:
+        enable_checkpointing(lm)
     policy = add_lora(lm, args, task_type="CAUSAL_LM").to(device)
-    # Dropout off in rollout *and* training (eval mode throughout): the update's log-probs then equal the sampling
-    # policy's at the first pass, so the ratio starts at exactly 1.
+    # Dropout off in rollout *and* training (disable_dropout): the update's log-probs then equal the sampling
+    # policy's at the first pass, so the ratio starts at exactly 1. Eval mode, but the update in train mode with
+    # --gradient-checkpointing (it needs it; generating in it would lose the KV cache).
     policy.eval()
     if resume_from is not None:
         load_weights(resume_from, policy)

@@ -35,7 +35,7 @@ from utils.distributed import (all_gather, distribute, distributed, finish, init
                                unwrap)
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
 from utils.prompts import build_prompts, check_context, left_pad, right_pad, sample, stop_token_id
-from utils.models import add_lora, fuse_gelu
+from utils.models import add_lora, disable_dropout, enable_checkpointing, fuse_gelu
 from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
 from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
@@ -77,6 +77,8 @@ class Args:
     """weights of the rewards, in order: --reward-model (if any), then each --reward-fn (default: all 1)"""
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in the backward pass: less memory, ~30% slower"""
     dataset: str = "stanfordnlp/imdb"
     """prompts: hub id, a save_to_disk folder or a .jsonl/.json/.csv/.parquet file"""
     dataset_split: str = "train"
@@ -469,6 +471,8 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     sequence_kl = ((logprobs - ref_logprobs) * response_mask).sum(1)  # k1 estimate per sequence, for stats
 
     # 4. PPO epochs over shuffled mini-batches, with gradient accumulation over micro-batches
+    was_training = model.training  # activation checkpointing needs train mode (make_policy set dropout to 0)
+    model.train(was_training or args.gradient_checkpointing)
     policy_losses, value_losses, clipfracs, value_clipfracs, approx_kls, ratios = [], [], [], [], [], []
     skipped, grad_norms = 0, []
     start = time.perf_counter()
@@ -510,6 +514,7 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
             optimizer.zero_grad(set_to_none=True)
         if args.target_kl is not None and mean_over_processes({"kl": fmean(epoch_kls)}, device)["kl"] > args.target_kl:
             break  # early stopping (decided together by all processes): the policy moved far enough
+    model.train(was_training)
     train_time = time.perf_counter() - start
 
     # 5. Adaptive KL update and statistics
@@ -566,12 +571,12 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     policy with its adapters disabled is the reference, no second copy in memory)."""
     torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code)
-    fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2, T5 v1.1)
+    fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
     ref_lm = None if args.lora_r > 0 else copy.deepcopy(lm).requires_grad_(False).to(device).eval()
-    lm = add_lora(lm, args, task_type="CAUSAL_LM")
+    lm = add_lora(enable_checkpointing(lm) if args.gradient_checkpointing else lm, args, task_type="CAUSAL_LM")
     policy = PolicyAndValue(lm, lm.config.get_text_config().hidden_size).to(device)
-    # Dropout off in rollout *and* training (eval mode throughout, as TRL's PPOTrainer): the log-probs of the update
-    # then equal the rollout's exactly at the first step, so the ratio starts at 1.
+    # Dropout off (disable_dropout): the update's log-probs equal the rollout's at the first step (ratio 1). Eval mode,
+    # but the update in train mode with --gradient-checkpointing (needs it; generating in it would lose the KV cache).
     policy.eval()
     if resume_from is not None:
         load_weights(resume_from, policy)
@@ -614,8 +619,7 @@ def main(args: Args):
     bar = tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
                total=args.num_iterations, dynamic_ncols=True, disable=not is_main)
     for iteration in bar:
-        # Each iteration seeds itself from (seed, iteration, rank): a resumed run samples exactly what an
-        # uninterrupted one would, with no RNG state to save, and every process samples its own episodes.
+        # Seeded from (seed, iteration, rank): a resumed run samples what an uninterrupted one would, each rank its own
         torch.manual_seed(args.seed + 100_000 * iteration + rank)
         generator = torch.Generator().manual_seed(args.seed + 100_000 * iteration + rank)  # mini-batch shuffling
         if args.anneal_lr:

@@ -6,9 +6,8 @@ side made encoder-decoder, as TRL's PPOTrainer with AutoModelForSeq2SeqLMWithVal
     BART); log-probs, values and reference log-probs come from one teacher-forced forward in which the decoder reads
     [start] + response[:-1], so decoder position t scores response token t;
   - the query is --prompt-template around the dataset text's first tokens (default: "Continue this movie review:
-    <the first 2-8 tokens of a review>"); the reward model scores the review start + " " + the response, the review
-    the policy wrote, never the instruction (a classifier trained on reviews has not seen instructions). Reward
-    functions get the review start as `prompts`, so reward files written for ppo.py work unchanged.
+    <the first 2-8 tokens of a review>"); the reward model scores the review start + " " + the response, never the
+    instruction (unseen by a review classifier). Reward functions get the review start as `prompts`.
 
     python ppo_seq2seq.py --model google/flan-t5-small --reward-model lvwerra/distilbert-imdb
     python ppo_seq2seq.py --model tiny/t5 --reward-model tiny/reward --dataset tiny/prompts.jsonl   # offline
@@ -37,7 +36,7 @@ from utils.distributed import (all_gather, distribute, distributed, finish, init
                                unwrap)
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
 from utils.prompts import apply_template, build_prompts, check_context, right_pad, sample, stop_token_id
-from utils.models import add_lora, fuse_gelu
+from utils.models import add_lora, disable_dropout, enable_checkpointing, fuse_gelu
 from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
 from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
@@ -80,6 +79,8 @@ class Args:
     """weights of the rewards, in order: --reward-model (if any), then each --reward-fn (default: all 1)"""
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in the backward pass: less memory, ~30% slower"""
     dataset: str = "stanfordnlp/imdb"
     """prompts: hub id, a save_to_disk folder or a .jsonl/.json/.csv/.parquet file"""
     dataset_split: str = "train"
@@ -182,9 +183,8 @@ class Args:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes."""
-    check_positive(args, "total_episodes", "batch_size", "mini_batch_size", "gradient_accumulation_steps",
-                   "ppo_epochs", "learning_rate", "response_length", "save_every", "kl_horizon", "cliprange",
-                   "cliprange_value")
+    check_positive(args, "total_episodes", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                   "learning_rate", "response_length", "save_every", "kl_horizon", "cliprange", "cliprange_value")
     if args.kl_coef < 0 or args.vf_coef < 0:
         raise UserError("--kl-coef and --vf-coef must be >= 0")
     args.world_size = world_size
@@ -477,6 +477,8 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     sequence_kl = ((logprobs - ref_logprobs) * response_mask).sum(1)  # k1 estimate per sequence, for stats
 
     # 4. PPO epochs over shuffled mini-batches, with gradient accumulation over micro-batches
+    was_training = model.training  # activation checkpointing needs train mode (make_policy set dropout to 0)
+    model.train(was_training or args.gradient_checkpointing)
     policy_losses, value_losses, clipfracs, value_clipfracs, approx_kls, ratios = [], [], [], [], [], []
     skipped, grad_norms = 0, []
     start = time.perf_counter()
@@ -518,6 +520,7 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
             optimizer.zero_grad(set_to_none=True)
         if args.target_kl is not None and mean_over_processes({"kl": fmean(epoch_kls)}, device)["kl"] > args.target_kl:
             break  # early stopping (decided together by all processes): the policy moved far enough
+    model.train(was_training)
     train_time = time.perf_counter() - start
 
     # 5. Adaptive KL update and statistics
@@ -581,12 +584,12 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     policy with its adapters disabled is the reference, no second copy in memory)."""
     torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
     lm = from_pretrained(AutoModelForSeq2SeqLM, args.model, "--model", trust_remote_code=args.trust_remote_code)
-    fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2, T5 v1.1)
+    fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
     ref_lm = None if args.lora_r > 0 else copy.deepcopy(lm).requires_grad_(False).to(device).eval()
-    lm = add_lora(lm, args, task_type="SEQ_2_SEQ_LM")
+    lm = add_lora(enable_checkpointing(lm) if args.gradient_checkpointing else lm, args, task_type="SEQ_2_SEQ_LM")
     policy = PolicyAndValue(lm, lm.config.get_text_config().hidden_size).to(device)
-    # Dropout off in rollout *and* training (eval mode throughout, as TRL's PPOTrainer): the log-probs of the update
-    # then equal the rollout's exactly at the first step, so the ratio starts at 1.
+    # Dropout off (disable_dropout): the update's log-probs equal the rollout's at the first step (ratio 1). Eval mode,
+    # but the update in train mode with --gradient-checkpointing (needs it; generating in it would lose the KV cache).
     policy.eval()
     if resume_from is not None:
         load_weights(resume_from, policy)
@@ -609,8 +612,7 @@ def main(args: Args):
 
     # Models: policy + value head, reference, reward model; the optimizer; the state a resumed run continues from
     policy, train_policy, ref_lm = make_policy(args, device, resume_from)  # train_policy: DDP / FSDP / policy
-    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
-                                 fused=True)  # one kernel for all tensors (CPU and CUDA)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate, fused=True)
     reward_model = RewardModel(args.reward_model, args.reward_label, device, args.trust_remote_code) \
         if args.reward_model else None
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon, args.adaptive_kl)
@@ -629,8 +631,7 @@ def main(args: Args):
     bar = tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
                total=args.num_iterations, dynamic_ncols=True, disable=not is_main)
     for iteration in bar:
-        # Each iteration seeds itself from (seed, iteration, rank): a resumed run samples exactly what an
-        # uninterrupted one would, with no RNG state to save, and every process samples its own episodes.
+        # Seeded from (seed, iteration, rank): a resumed run samples what an uninterrupted one would, each rank its own
         torch.manual_seed(args.seed + 100_000 * iteration + rank)
         generator = torch.Generator().manual_seed(args.seed + 100_000 * iteration + rank)  # mini-batch shuffling
         if args.anneal_lr:
@@ -645,8 +646,7 @@ def main(args: Args):
         responses, contains_stop = truncate_after_stop(generated, stop_id)
         generate_time = time.perf_counter() - start
 
-        # Score: the reward model reads the text start and its continuation (the review, without the instruction);
-        # reward functions get both and the token ids
+        # Score: the reward model reads the text start + its continuation (the review, without the instruction)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
         texts = [f"{p} {c}" for p, c in zip(prompt_texts, completions)]
         scores, parts = total_reward(reward_model, reward_fns, args.reward_weights, texts, prompt_texts, completions,

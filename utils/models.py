@@ -17,12 +17,29 @@ def add_lora(model, args, task_type: str):
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Set every dropout module's probability to 0 (as TRL's disable_dropout_in_model), so the model can stay in
-    train mode, which activation checkpointing needs (transformers checkpoints only modules in training mode), while
-    its outputs stay deterministic. Returns the model."""
+    """Dropout off for good: every dropout module's probability, and every float attribute named *dropout that some
+    models pass to functional dropout (BART's `dropout`, Llama's `attention_dropout`), set to 0 (TRL's
+    disable_dropout_in_model does the first only). The model can then train in train mode, which activation
+    checkpointing needs (transformers checkpoints modules in training mode only), with the outputs of eval mode.
+    Returns the model."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """--gradient-checkpointing: each transformer block's activations are recomputed in the backward pass instead
+    of kept (less memory, ~30% more compute); non-reentrant, so it works with frozen (LoRA) base weights. Active
+    only while the model is in train mode. A UserError for models that do not support it."""
+    from utils.hub import UserError
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    model.activation_checkpointing_enable()
     return model
 
 
