@@ -55,6 +55,8 @@ class Args:
     """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 10
     """save a checkpoint every this many iterations (and always at the end)"""
+    sample_every: int = 10
+    """log 4 episodes (prompt, response, score, reference's response) to samples.jsonl and wandb so often (0: never)"""
     track: bool = False
     """log to Weights & Biases (WANDB_MODE=offline works without network)"""
     wandb_project: str = "rlhf-ppo"
@@ -95,6 +97,8 @@ class Args:
     # rollout
     response_length: int = 24
     """maximum number of generated tokens per response"""
+    response_length_min: Optional[int] = None
+    """each response cut to a length drawn uniformly from [this, --response-length] (TRL's LengthSampler; None: off)"""
     temperature: float = 1.0
     """sampling temperature (log-probs use the same temperature, so training stays on-policy)"""
     top_k: int = 0
@@ -121,6 +125,8 @@ class Args:
     """divide scores by their running std ('scale') or also subtract the running mean ('normalize')"""
     score_clip: Optional[float] = None
     """clip scores to [-score_clip, score_clip] after scaling"""
+    whiten_rewards: bool = False
+    """whiten the KL-shaped per-token rewards (scaled, mean kept) before GAE, as TRL's whiten_rewards"""
 
     # PPO
     total_episodes: int = 25600
@@ -196,6 +202,10 @@ def check_args(args: Args, world_size: int = 1) -> Args:
         raise UserError("need 1 <= --prompt-min-tokens <= --prompt-max-tokens")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (log-probs are divided by it)")
+    if args.response_length_min is not None and not 1 <= args.response_length_min <= args.response_length:
+        raise UserError("need 1 <= --response-length-min <= --response-length")
+    if args.sample_every < 0:
+        raise UserError("--sample-every must be >= 0 (0: no samples)")
     if args.fsdp and world_size == 1:
         raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
     if args.top_k != 0 or args.top_p < 1.0:
@@ -466,6 +476,8 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     kl_coef = kl_ctl.kl_coef  # this iteration's; the controller updates it at the end
     kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator, full_kl) * response_mask
     rewards = shaped_rewards(scores.to(device), kl, kl_coef, response_mask)
+    if args.whiten_rewards:  # TRL's whiten_rewards: divided by their std over real tokens, the mean kept
+        rewards = masked_whiten(rewards, response_mask, shift_mean=False) * response_mask
     advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
     advantages = masked_whiten(advantages, response_mask) * response_mask
     sequence_kl = ((logprobs - ref_logprobs) * response_mask).sum(1)  # k1 estimate per sequence, for stats
@@ -586,6 +598,23 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     return policy, train_policy, ref_lm
 
 
+@torch.no_grad()
+def sample_table(lm, ref_lm, tokenizer, queries, completions, scores, gen_config, stop_id, device, fsdp: bool):
+    """Rows {prompt, response, score, reference_response} of a few episodes, the reference's response sampled now for
+    the same prompt (ref_lm, or the LoRA policy with its adapters disabled): what the policy learned to say instead."""
+    if ref_lm is None:
+        with lm.disable_adapter():
+            ref_responses = truncate_after_stop(generate(lm, queries, tokenizer.pad_token_id, gen_config, device, fsdp),
+                                                stop_id)[0]
+    else:
+        ref_responses = truncate_after_stop(generate(ref_lm, queries, tokenizer.pad_token_id, gen_config, device,
+                                                     fsdp), stop_id)[0]
+    prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+    references = tokenizer.batch_decode(ref_responses, skip_special_tokens=True)
+    return [{"prompt": p, "response": c, "score": float(s), "reference_response": r}
+            for p, c, s, r in zip(prompts, completions, scores, references)]
+
+
 def main(args: Args):
     device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
     args = check_args(args, world_size)
@@ -632,6 +661,10 @@ def main(args: Args):
         queries = [prompts[i] for i in indices]
         generated = generate(policy.lm, queries, tokenizer.pad_token_id, gen_config, device, synced=args.fsdp)
         responses, contains_stop = truncate_after_stop(generated, stop_id)
+        if args.response_length_min is not None:  # each response cut to its own drawn maximum length
+            limits = torch.randint(args.response_length_min, args.response_length + 1, (len(responses),))
+            contains_stop &= torch.tensor([len(r) for r in responses]) <= limits  # the stop token survives the cut
+            responses = [r[:n] for r, n in zip(responses, limits.tolist())]
         generate_time = time.perf_counter() - start
 
         # Score: the reward model reads prompt + response as text; reward functions get both and the token ids
@@ -659,8 +692,13 @@ def main(args: Args):
             "perf/rollout_s": rollout_time, "perf/iteration_s": iteration_time,
             "perf/episodes_per_s": args.batch_size / iteration_time, "perf/peak_memory_mb": peak_memory_mb(device),
         }, device))
+        samples = None
+        if args.sample_every and ((iteration + 1) % args.sample_every == 0 or iteration + 1 == args.num_iterations):
+            # every process generates (FSDP gathers weights in each), rank 0 logs its first 4 episodes
+            samples = sample_table(policy.lm, ref_lm, tokenizer, queries[:4], completions[:4], scores[:4], gen_config,
+                                   stop_id, device, args.fsdp)
         if is_main:
-            tracker.log(stats)
+            tracker.log(stats, samples=samples)
             bar.write(summary(stats))
         if (iteration + 1) % args.save_every == 0 or iteration + 1 == args.num_iterations:
             state = full_state_dicts(policy, optimizer, args.fsdp)  # every process: FSDP gathers the shards

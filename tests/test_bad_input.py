@@ -112,6 +112,7 @@ CASES = [
     ("ppo.py", ["--total-episodes", 0], "--total-episodes must be > 0"),
     ("ppo.py", ["--ppo-epochs", 0], "--ppo-epochs must be > 0"),
     ("ppo.py", ["--response-length", 0], "--response-length must be > 0"),
+    ("ppo.py", ["--response-length-min", 9], "need 1 <= --response-length-min <= --response-length"),
     ("ppo_seq2seq.py", ["--response-length", 0], "--response-length must be > 0"),
     ("ppo.py", ["--learning-rate", "-1e-3"], "--learning-rate must be > 0"),
     ("sft.py", ["--learning-rate", "-1e-3"], "--learning-rate must be > 0"),

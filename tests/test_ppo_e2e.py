@@ -57,13 +57,19 @@ def test_help_documents_every_flag():
 
 def test_resume_equals_uninterrupted_run(assets, tmp_path):
     """4 iterations in one go == 2 iterations + --resume for 2 more: same metrics, same weights."""
-    whole = tiny_args(assets, tmp_path / "a", total_episodes=32)
+    whole = tiny_args(assets, tmp_path / "a", total_episodes=32, sample_every=1)
     ppo.main(whole)
-    first = tiny_args(assets, tmp_path / "b", total_episodes=16)
+    first = tiny_args(assets, tmp_path / "b", total_episodes=16, sample_every=1)
     ppo.main(first)
-    ppo.main(tiny_args(assets, tmp_path / "b", total_episodes=32, resume=True))
+    (tmp_path / "b/run/samples.jsonl").open("a").write('{"iteration": 3, "from": "a killed run"}\n')
+    ppo.main(tiny_args(assets, tmp_path / "b", total_episodes=32, resume=True, sample_every=1))
     a, b = read_metrics(tmp_path / "a/run/metrics.jsonl"), read_metrics(tmp_path / "b/run/metrics.jsonl")
     assert [m["iteration"] for m in b] == [1, 2, 3, 4]
+    # samples.jsonl: 4 episodes per iteration (prompt, response, score, the reference's response), cut back on resume
+    samples_a = read_metrics(tmp_path / "a/run/samples.jsonl")
+    samples_b = read_metrics(tmp_path / "b/run/samples.jsonl")
+    assert samples_a == samples_b and [s["iteration"] for s in samples_a] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    assert set(samples_a[0]) == {"iteration", "prompt", "response", "score", "reference_response"}
     for ma, mb in zip(a, b):
         assert {k: v for k, v in ma.items() if not k.startswith("perf/")} == \
                {k: v for k, v in mb.items() if not k.startswith("perf/")}
@@ -75,13 +81,39 @@ def test_resume_equals_uninterrupted_run(assets, tmp_path):
 
 
 def test_lora_uses_disabled_adapters_as_reference(assets, tmp_path):
-    args = tiny_args(assets, tmp_path, lora_r=4, learning_rate=1e-2)
+    args = tiny_args(assets, tmp_path, lora_r=4, learning_rate=1e-2, sample_every=2)  # samples: the base model too
     metrics = read_metrics(ppo.main(args))
     assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B starts at 0: policy == ref
     assert metrics[1]["objective/kl"] != 0.0  # after one update the adapters moved away from the reference
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run")  # merged into plain weights
     assert not any("lora" in k for k in merged.state_dict())
     assert (tmp_path / "run/checkpoint/adapter_config.json").exists()
+    assert [s["iteration"] for s in read_metrics(tmp_path / "run/samples.jsonl")] == [2] * 4
+
+
+def test_whiten_rewards_divides_the_shaped_rewards_by_their_std(assets, tmp_path, monkeypatch):
+    """--whiten-rewards (TRL's whiten_rewards): GAE gets the KL-shaped rewards divided by their std over the real
+    response tokens (population std), mean kept; computed here independently of ppo.masked_whiten."""
+    seen = []
+    real_gae = ppo.gae
+    monkeypatch.setattr(ppo, "gae", lambda rewards, *rest: seen.append(rewards.clone()) or real_gae(rewards, *rest))
+    for flag in (False, True):
+        ppo.main(tiny_args(assets, tmp_path / str(flag), total_episodes=8, whiten_rewards=flag, stop_token="none"))
+    plain, whitened = seen
+    assert plain.shape == (8, 8)  # no stop token: every response token is real (8 episodes x 8 tokens)
+    values = plain.double()
+    mean, std = values.mean(), values.std(unbiased=False)
+    torch.testing.assert_close(whitened.double(), (values - mean) / torch.sqrt(std**2 + 1e-8) + mean, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_response_length_sampler(assets, tmp_path):
+    """--response-length-min 2 --response-length 8 (TRL's LengthSampler): each episode's response is cut to a length
+    drawn from [2, 8]; without a stop token, the lengths are exactly the draws."""
+    metrics = read_metrics(ppo.main(tiny_args(assets, tmp_path, total_episodes=32, response_length_min=2,
+                                              stop_token="none", sample_every=1)))
+    lengths = [m["charts/response_length"] for m in metrics]
+    assert all(2 <= n < 8 for n in lengths) and len(set(lengths)) > 1  # a mean of draws in [2, 8]: never all 8
 
 
 @pytest.mark.parametrize("estimator", ["abs", "mse", "full"])

@@ -37,19 +37,25 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Tracker:
-    """Writes args.json and one JSON line per step to metrics.jsonl in the output folder, mirrors them to wandb
-    with `track=True`. On resume, lines past the checkpoint's step are dropped so no step appears twice."""
+    """Writes args.json and one JSON line per step to metrics.jsonl in the output folder (and sample rows, if any, to
+    samples.jsonl), mirrors them to wandb with `track=True` (samples as a table). On resume, lines past the
+    checkpoint's step are dropped so no step appears twice."""
 
     def __init__(self, out_dir: Path, args, resume_step: int = 0, track: bool = False, project: str = "",
                  step_key: str = "iteration"):
         self.path, self.step_key, self.wandb = Path(out_dir) / "metrics.jsonl", step_key, None
+        self.samples_path = Path(out_dir) / "samples.jsonl"
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        kept = []
-        if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line, step_key) <= resume_step]
-        with disk_full_is_an_error(out_dir):
-            self.path.write_text("".join(line + "\n" for line in kept))
+        for path in (self.path, self.samples_path):
+            kept = []
+            if resume_step and path.exists():
+                kept = [line for line in path.read_text().splitlines() if _step_of(line, step_key) <= resume_step]
+            with disk_full_is_an_error(out_dir):
+                if path == self.path or kept:
+                    path.write_text("".join(line + "\n" for line in kept))
+                else:
+                    path.unlink(missing_ok=True)
         if track:
             import wandb
 
@@ -57,10 +63,19 @@ class Tracker:
                                     config=dataclasses.asdict(args), dir=str(out_dir),
                                     id=f"{args.exp_name}-{args.seed}-{int(time.time())}")
 
-    def log(self, stats: dict, **media):
+    def log(self, stats: dict, samples: Optional[list] = None, **media):
+        """One step's statistics; samples: rows (dicts with the same keys) written to samples.jsonl with the step."""
         with disk_full_is_an_error(self.path.parent), open(self.path, "a") as f:
             f.write(json.dumps(stats) + "\n")
+        if samples:
+            with disk_full_is_an_error(self.path.parent), open(self.samples_path, "a") as f:
+                f.write("".join(json.dumps({self.step_key: stats[self.step_key], **row}) + "\n" for row in samples))
         if self.wandb is not None:
+            if samples:
+                import wandb
+
+                columns = list(samples[0])
+                media["samples"] = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in samples])
             self.wandb.log({**stats, **media}, step=stats[self.step_key])
 
     def close(self):
