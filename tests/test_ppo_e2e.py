@@ -31,8 +31,10 @@ def test_cli_run_saves_loadable_checkpoint(assets, tmp_path):
     proc = run_script("ppo.py", "--model", assets / "policy", "--reward-model", assets / "reward",
                       "--dataset", assets / "prompts.jsonl", "--output-dir", out, "--total-episodes", 16,
                       "--batch-size", 8, "--mini-batch-size", 4, "--gradient-accumulation-steps", 2,
-                      "--response-length", 8, "--ppo-epochs", 2, "--missing-eos-penalty", 1.0, "--track")
+                      "--response-length", 8, "--ppo-epochs", 2, "--missing-eos-penalty", 1.0, "--track",
+                      "--sample-every", 1)
     assert "iter    2 |" in proc.stdout + proc.stderr and "done: policy in" in proc.stdout
+    assert len(read_metrics(out / "samples.jsonl")) == 8  # and a wandb table each iteration
     metrics = read_metrics(out / "metrics.jsonl")
     assert [m["iteration"] for m in metrics] == [1, 2]
     for m in metrics:
