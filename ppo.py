@@ -34,7 +34,8 @@ from utils.data import batch_indices
 from utils.distributed import (all_gather, distribute, distributed, finish, init_distributed, mean_over_processes,
                                unwrap)
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.prompts import build_prompts, check_context, left_pad, right_pad, sample, stop_token_id
+from utils.prompts import (build_prompts, check_context, left_pad, render_prompts, right_pad, sample,
+                           stop_token_id)
 from utils.models import add_lora, disable_dropout, enable_checkpointing, fuse_gelu
 from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
 from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
@@ -86,7 +87,7 @@ class Args:
     dataset_split: str = "train"
     """split of --dataset to use"""
     dataset_text_field: str = "text"
-    """column holding the text whose first tokens become the prompt (a nested field: e.g. prompt.text)"""
+    """column of texts whose first tokens become prompts (nested: prompt.text) or of chat messages (whole prompts)"""
     prompt_min_tokens: int = 2
     """shortest prompt (tokens); each prompt's length is drawn uniformly in [min, max]"""
     prompt_max_tokens: int = 8
@@ -568,13 +569,20 @@ def load_inputs(args: Args):
         raise UserError(f"--model {args.model!r} is an encoder-decoder model; use ppo_seq2seq.py for it")
     tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", trust_remote_code=args.trust_remote_code)
     check_tokenizer(tokenizer, config, "--model")  # no id past the embedding; pads with EOS if it has no pad token
-    prompts = build_prompts(load_dataset(args.dataset, args.dataset_split), tokenizer, args.dataset_text_field,
-                            args.prompt_min_tokens, args.prompt_max_tokens, args.seed, args.prompt_truncation)
+    dataset, field, conversations = load_dataset(args.dataset, args.dataset_split), args.dataset_text_field, None
+    if field in dataset.column_names and len(dataset) and isinstance(dataset[0][field], list):  # chat messages
+        # whole conversations with the chat template's generation prompt (as sft.py trains chats); too long: dropped
+        prompts, kept = render_prompts(dataset, tokenizer, field, args.prompt_max_tokens,
+                                       ("--dataset-text-field", "--prompt-max-tokens"))
+        conversations = [dataset[field][i] for i in kept]
+    else:
+        prompts = build_prompts(dataset, tokenizer, field, args.prompt_min_tokens, args.prompt_max_tokens, args.seed,
+                                args.prompt_truncation)
     longest = max(len(p) for p in prompts)
     check_context(config, longest + args.response_length,
                   f"the longest prompt ({longest} tokens) + --response-length {args.response_length}")
     gen_config, stop_id = make_generation_config(args, tokenizer)
-    return tokenizer, prompts, reward_fns, gen_config, stop_id
+    return tokenizer, (prompts, conversations), reward_fns, gen_config, stop_id
 
 
 def make_policy(args: Args, device, resume_from: Optional[Path]):
@@ -615,6 +623,15 @@ def sample_table(lm, ref_lm, tokenizer, queries, completions, scores, gen_config
             for p, c, s, r in zip(prompts, completions, scores, references)]
 
 
+def render_conversations(conversations, completions, reward_model, tokenizer) -> list[str]:
+    """Each conversation with its completion as the assistant's turn, rendered with the reward model's chat template
+    (reward.py renders chat pairs with its own tokenizer's), or the policy's if it has none."""
+    template_owner = reward_model.tokenizer if reward_model is not None and reward_model.tokenizer.chat_template \
+        else tokenizer
+    return [template_owner.apply_chat_template(list(c) + [{"role": "assistant", "content": text}], tokenize=False)
+            for c, text in zip(conversations, completions)]
+
+
 def main(args: Args):
     device, rank, world_size = init_distributed(args.device)  # one process, or one per GPU/CPU under torchrun
     args = check_args(args, world_size)
@@ -624,7 +641,7 @@ def main(args: Args):
     check_paths(("--model", args.model), ("--reward-model", args.reward_model), ("--dataset", args.dataset))
     resume_from = prepare_output_dir(args, is_main, length_flags=("total_episodes",), scheduled=args.anneal_lr)
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
-    tokenizer, prompts, reward_fns, gen_config, stop_id = load_inputs(args)
+    tokenizer, (prompts, conversations), reward_fns, gen_config, stop_id = load_inputs(args)
 
     # Models: policy + value head, reference, reward model; the optimizer; the state a resumed run continues from
     policy, train_policy, ref_lm = make_policy(args, device, resume_from)  # train_policy: DDP / FSDP / policy
@@ -667,10 +684,12 @@ def main(args: Args):
             responses = [r[:n] for r, n in zip(responses, limits.tolist())]
         generate_time = time.perf_counter() - start
 
-        # Score: the reward model reads prompt + response as text; reward functions get both and the token ids
+        # Score: the reward model reads prompt + response as text (chat prompts: the conversation with the response as
+        # the assistant's turn, rendered as reward.py trains on chat pairs); reward functions get both and the ids
         prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        texts = [p + c for p, c in zip(prompt_texts, completions)]
+        texts = [p + c for p, c in zip(prompt_texts, completions)] if conversations is None else \
+            render_conversations([conversations[i] for i in indices], completions, reward_model, tokenizer)
         scores, parts = total_reward(reward_model, reward_fns, args.reward_weights, texts, prompt_texts, completions,
                                      responses, args.micro_batch_size, f"iteration {iteration + 1}")
         if args.missing_eos_penalty is not None and stop_id is not None:

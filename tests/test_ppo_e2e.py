@@ -198,3 +198,33 @@ def test_prompts_keep_the_bos_token_the_policy_was_trained_with(assets):
     # GPT-2's own tokenizer adds nothing: prompts are the text's first tokens
     plain = AutoTokenizer.from_pretrained(assets / "policy")
     assert ppo.build_prompts(data, plain, "text", 3, 3, seed=0)[0].tolist() == plain(texts[0])["input_ids"][:3]
+
+
+def test_chat_prompts_and_the_reward_model_reads_the_conversation(assets, tmp_path, monkeypatch):
+    """A dataset of chat messages: prompts are rendered with the tokenizer's chat template and its generation prompt
+    (whole, as sft.py trains chats), and the reward model reads the conversation with the response as the
+    assistant's turn (what reward.py trains on chat pairs), rendered with its own template or, lacking one, the
+    policy's."""
+    from transformers import AutoTokenizer
+
+    from utils.assets import write_jsonl
+    from utils.rewards import RewardModel
+
+    model_dir = tmp_path / "chat_policy"
+    AutoModelForCausalLM.from_pretrained(assets / "policy").save_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(assets / "policy")
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.save_pretrained(model_dir)
+    topics = ["a comedy", "a thriller", "a cartoon", "a documentary"]
+    write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": f"Review {t}."}]} for t in topics])
+    seen = []
+    real_call = RewardModel.__call__
+    monkeypatch.setattr(RewardModel, "__call__", lambda self, texts, n: seen.extend(texts) or real_call(self, texts, n))
+    ppo.main(tiny_args(assets, tmp_path, model=str(model_dir), dataset=str(tmp_path / "chats.jsonl"),
+                       dataset_text_field="messages", prompt_max_tokens=64, total_episodes=8, sample_every=1))
+    samples = read_metrics(tmp_path / "run/samples.jsonl")
+    assert {s["prompt"] for s in samples} <= {f"<user>Review {t}.|<assistant>" for t in topics}
+    assert len(seen) == 8 and all(text.startswith("<user>Review ") and text.endswith("|") for text in seen)
+    sample = samples[0]
+    assert sample["prompt"].replace("<assistant>", "") + f"<assistant>{sample['response']}|" in seen

@@ -49,14 +49,15 @@ def build_prompts(dataset, tokenizer, text_field: str, min_tokens: int, max_toke
     return prompts
 
 
-def render_prompts(dataset, tokenizer, field: str, max_tokens: int):
+def render_prompts(dataset, tokenizer, field: str, max_tokens: int, flags=("--prompt-field", "--max-prompt-length")):
     """Token ids of each example's whole prompt: a text (after the tokens the tokenizer puts before a text, as
     build_prompts) or a list of chat messages ({"role", "content"}) rendered with the tokenizer's chat template and
     its generation prompt, so the model answers as the assistant, as sft.py trained it. Prompts longer than
-    max_tokens are dropped. Returns (list of 1-D LongTensors, the indices of the examples kept)."""
+    max_tokens are dropped. flags: the script's names of `field` and `max_tokens`, for the errors.
+    Returns (list of 1-D LongTensors, the indices of the examples kept)."""
     if field not in dataset.column_names:
         raise UserError(f"--dataset has no column {field!r}; its columns are {dataset.column_names} "
-                        "(set --prompt-field)")
+                        f"(set {flags[0]})")
     if len(dataset) == 0:
         raise UserError("--dataset is empty: there are no prompts")
     values = dataset[field]
@@ -71,7 +72,7 @@ def render_prompts(dataset, tokenizer, field: str, max_tokens: int):
         ids = [bos + t for t in tokenizer([str(v) for v in values], add_special_tokens=False)["input_ids"]]
     kept = [i for i, t in enumerate(ids) if 0 < len(t) <= max_tokens]
     if not kept:
-        raise UserError(f"no prompt in --dataset column {field!r} has 1 to {max_tokens} tokens (--max-prompt-length)")
+        raise UserError(f"no prompt in --dataset column {field!r} has 1 to {max_tokens} tokens ({flags[1]})")
     return [torch.tensor(ids[i]) for i in kept], kept
 
 
