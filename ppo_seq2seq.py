@@ -99,6 +99,8 @@ class Args:
     # rollout
     response_length: int = 24
     """maximum number of generated tokens per response"""
+    response_length_min: Optional[int] = None
+    """each response cut to a length drawn uniformly from [this, --response-length] (TRL's LengthSampler; None: off)"""
     temperature: float = 1.0
     """sampling temperature (log-probs use the same temperature, so training stays on-policy)"""
     top_k: int = 0
@@ -125,6 +127,8 @@ class Args:
     """divide scores by their running std ('scale') or also subtract the running mean ('normalize')"""
     score_clip: Optional[float] = None
     """clip scores to [-score_clip, score_clip] after scaling"""
+    whiten_rewards: bool = False
+    """whiten the KL-shaped per-token rewards (scaled, mean kept) before GAE, as TRL's whiten_rewards"""
 
     # PPO
     total_episodes: int = 25600
@@ -201,6 +205,8 @@ def check_args(args: Args, world_size: int = 1) -> Args:
         raise UserError(f"--prompt-template {args.prompt_template!r} has no {{text}} placeholder for the dataset text")
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0 (log-probs are divided by it)")
+    if args.response_length_min is not None and not 1 <= args.response_length_min <= args.response_length:
+        raise UserError("need 1 <= --response-length-min <= --response-length")
     if args.fsdp and world_size == 1:
         raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
     if args.top_k != 0 or args.top_p < 1.0:
@@ -472,6 +478,8 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     kl_coef = kl_ctl.kl_coef  # this iteration's; the controller updates it at the end
     kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator, full_kl) * response_mask
     rewards = shaped_rewards(scores.to(device), kl, kl_coef, response_mask)
+    if args.whiten_rewards:  # TRL's whiten_rewards: divided by their std over real tokens, the mean kept
+        rewards = masked_whiten(rewards, response_mask, shift_mean=False) * response_mask
     advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
     advantages = masked_whiten(advantages, response_mask) * response_mask
     sequence_kl = ((logprobs - ref_logprobs) * response_mask).sum(1)  # k1 estimate per sequence, for stats
@@ -644,6 +652,10 @@ def main(args: Args):
         queries, prompt_texts = [all_queries[i] for i in indices], [all_prompt_texts[i] for i in indices]
         generated = generate(policy.lm, queries, tokenizer.pad_token_id, gen_config, device, synced=args.fsdp)
         responses, contains_stop = truncate_after_stop(generated, stop_id)
+        if args.response_length_min is not None:  # each response cut to its own drawn maximum length
+            limits = torch.randint(args.response_length_min, args.response_length + 1, (len(responses),))
+            contains_stop &= torch.tensor([len(r) for r in responses]) <= limits  # the stop token survives the cut
+            responses = [r[:n] for r, n in zip(responses, limits.tolist())]
         generate_time = time.perf_counter() - start
 
         # Score: the reward model reads the text start + its continuation (the review, without the instruction)

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import math
 import re
 import time
 
@@ -62,6 +63,7 @@ def test_shared_helpers_are_identical_to_ppo():
 
 def test_same_flags_defaults_and_metric_names_as_ppo():
     ours, theirs = ({f.name: f for f in dataclasses.fields(m.Args)} for m in (s2s, ppo))
+    theirs.pop("sample_every")  # samples.jsonl: ppo.py only so far
     assert set(ours) - set(theirs) == {"prompt_template"} and set(theirs) <= set(ours)
 
     def spec(field):
@@ -321,3 +323,13 @@ def test_torchrun_end_to_end_and_resume_in_one_process(assets, tmp_path, mode):
     AutoModelForSeq2SeqLM.from_pretrained(out)
     run_script(ROOT / "ppo_seq2seq.py", *flags, "--total-episodes", 24, "--resume")
     assert [m["iteration"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_response_length_sampler_and_whitened_rewards_run(assets, tmp_path):
+    """The twins' --response-length-min (lengths drawn from [2, 8]: with no stop token, exactly the draws) and
+    --whiten-rewards (its arithmetic is tested on ppo.py, whose lines these are)."""
+    metrics = read_metrics(s2s.main(tiny_args(assets, tmp_path, total_episodes=32, response_length_min=2,
+                                              whiten_rewards=True, stop_token="none")))
+    lengths = [m["charts/response_length"] for m in metrics]
+    assert all(2 <= n < 8 for n in lengths) and len(set(lengths)) > 1
+    assert all(math.isfinite(m["losses/value_loss"]) for m in metrics)
