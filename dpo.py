@@ -33,7 +33,8 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import all_gather, distribute, distributed, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, disable_dropout, enable_checkpointing, fuse_gelu, lm_head_weight
+from utils.models import (add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, lm_head_weight,
+                          weights_dtype)
 from utils.prompts import check_context, right_pad
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
@@ -68,6 +69,8 @@ class Args:
     """policy, and the reference it starts from: a causal LM (hub id or local folder), usually an SFT model"""
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: trained weights fp32, frozen ones (reference, reward model, LoRA base) bf16 on CUDA; else one for all"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower"""
 
@@ -148,6 +151,7 @@ class Args:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
+    check_dtype(args.dtype, args.lora_r)
     check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every", "beta",
                    "max_prompt_length", "max_length", "max_eval_examples", "max_steps", "num_epochs")
     if args.eval_every < 0 or args.weight_decay < 0:
@@ -423,12 +427,14 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     """The policy (LoRA adapters if asked), the module that trains it (DDP's wrapper, the policy sharded in place by
     FSDP, or the policy) and the frozen reference: a copy of the starting policy, or None when the LoRA policy
     with its adapters disabled serves (or no reference is needed: SimPO, precomputed log-probs)."""
-    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
+                         dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0))
     fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2)
     # a copy is needed without LoRA, unless SimPO (no reference) or the log-probs are precomputed before the first step
     needs_copy = args.loss_type != "simpo" and args.lora_r == 0 and not (args.precompute_ref_logprobs and
                                                                          resume_from is None)
-    ref_lm = copy.deepcopy(lm).requires_grad_(False).to(device).eval() if needs_copy else None
+    frozen = weights_dtype(args.dtype, device, trained=False)  # the reference's dtype (--dtype)
+    ref_lm = copy.deepcopy(lm).requires_grad_(False).to(device, frozen).eval() if needs_copy else None
     if args.gradient_checkpointing:
         enable_checkpointing(lm)
     # Dropout off (as TRL's default disable_dropout), in train mode (activation checkpointing needs it): the policy's

@@ -33,7 +33,7 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import all_gather, distribute, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, disable_dropout, enable_checkpointing, fuse_gelu
+from utils.models import add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, weights_dtype
 from utils.prompts import check_context, left_pad, render_prompts, right_pad, sample, stop_token_id
 from utils.rewards import (REWARD_FUNCTIONS, VERIFIABLE_REWARDS, RewardModel, check_reward_flags, load_reward_fns,
                            total_reward)
@@ -70,6 +70,8 @@ class Args:
     """policy: hub id or local folder of a causal LM"""
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: trained weights fp32, frozen ones (reference, reward model, LoRA base) bf16 on CUDA; else one for all"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower"""
     dataset: str = "openai/gsm8k"
@@ -176,6 +178,7 @@ class Args:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes."""
+    check_dtype(args.dtype, args.lora_r)
     check_positive(args, "num_steps", "prompts_per_step", "num_mini_batches", "gradient_accumulation_steps",
                    "learning_rate", "max_completion_length", "max_prompt_length", "save_every", "eval_every",
                    "num_iterations", "epsilon", "max_eval_examples")
@@ -457,9 +460,12 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     """The policy (LoRA adapters if asked), the module that trains it (DDP's wrapper, the policy sharded in place by
     FSDP, or the policy) and the frozen reference: none when --beta is 0 (never loaded: a whole model's memory saved)
     or under LoRA (the policy with its adapters disabled)."""
-    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
+                         dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0))
     fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
-    ref_lm = None if args.beta == 0 or args.lora_r > 0 else copy.deepcopy(lm).requires_grad_(False).to(device).eval()
+    frozen = weights_dtype(args.dtype, device, trained=False)  # the reference's dtype (--dtype)
+    needs_copy = args.beta > 0 and args.lora_r == 0
+    ref_lm = copy.deepcopy(lm).requires_grad_(False).to(device, frozen).eval() if needs_copy else None
     if args.gradient_checkpointing:
         enable_checkpointing(lm)
     policy = add_lora(lm, args, task_type="CAUSAL_LM").to(device)
@@ -512,8 +518,8 @@ def main(args: Args):
     policy, train_policy, ref_lm = make_policy(args, device, resume_from)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, fused=True)
-    reward_model = RewardModel(args.reward_model, args.reward_label, device, args.trust_remote_code) \
-        if args.reward_model else None
+    reward_model = RewardModel(args.reward_model, args.reward_label, device, args.trust_remote_code,
+                               weights_dtype(args.dtype, device, trained=False)) if args.reward_model else None
     start_step = load_training_state(resume_from, policy, optimizer, args.fsdp)["step"] if resume_from else 0
     if is_main:
         tracker = Tracker(out_dir, args, start_step, args.track, args.wandb_project, step_key="step")

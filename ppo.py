@@ -36,7 +36,7 @@ from utils.distributed import (all_gather, distribute, distributed, finish, init
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
 from utils.prompts import (build_prompts, check_context, left_pad, render_prompts, right_pad, sample,
                            stop_token_id)
-from utils.models import add_lora, disable_dropout, enable_checkpointing, fuse_gelu
+from utils.models import add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, weights_dtype
 from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
 from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
@@ -80,6 +80,8 @@ class Args:
     """weights of the rewards, in order: --reward-model (if any), then each --reward-fn (default: all 1)"""
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: trained weights fp32, frozen ones (reference, reward model, LoRA base) bf16 on CUDA; else one for all"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower"""
     dataset: str = "stanfordnlp/imdb"
@@ -186,6 +188,7 @@ class Args:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes."""
+    check_dtype(args.dtype, args.lora_r)
     check_positive(args, "total_episodes", "batch_size", "mini_batch_size", "gradient_accumulation_steps",
                    "ppo_epochs", "learning_rate", "response_length", "save_every", "kl_horizon", "cliprange",
                    "cliprange_value")
@@ -231,7 +234,7 @@ class PolicyAndValue(nn.Module):
         query_responses: [batch, context_length + response_len], queries left-padded, responses right-padded.
         Returns logits [batch, response_len, vocab] and values [batch, response_len]."""
         logits, hidden = lm_forward(self.lm, query_responses, attention_mask, context_length, hidden=True)
-        values = self.v_head(hidden).squeeze(-1)  # shape: [batch, response_len]
+        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)  # fp32 head, any trunk; [batch, len]
         return logits / temperature, values
 
 
@@ -590,9 +593,11 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     or the policy sharded in place by FSDP; else the policy) and the frozen reference model (None under LoRA: the
     policy with its adapters disabled is the reference, no second copy in memory)."""
     torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
-    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code)
+    lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
+                         dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0))
     fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
-    ref_lm = None if args.lora_r > 0 else copy.deepcopy(lm).requires_grad_(False).to(device).eval()
+    frozen = weights_dtype(args.dtype, device, trained=False)  # the reference's dtype (--dtype)
+    ref_lm = None if args.lora_r > 0 else copy.deepcopy(lm).requires_grad_(False).to(device, frozen).eval()
     lm = add_lora(enable_checkpointing(lm) if args.gradient_checkpointing else lm, args, task_type="CAUSAL_LM")
     policy = PolicyAndValue(lm, lm.config.get_text_config().hidden_size).to(device)
     # Dropout off (disable_dropout): the update's log-probs equal the rollout's at the first step (ratio 1). Eval mode,
@@ -647,8 +652,8 @@ def main(args: Args):
     policy, train_policy, ref_lm = make_policy(args, device, resume_from)  # train_policy: DDP / FSDP / policy
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.learning_rate,
                                  fused=True)  # one kernel for all tensors (CPU and CUDA)
-    reward_model = RewardModel(args.reward_model, args.reward_label, device, args.trust_remote_code) \
-        if args.reward_model else None
+    reward_model = RewardModel(args.reward_model, args.reward_label, device, args.trust_remote_code,
+                               weights_dtype(args.dtype, device, trained=False)) if args.reward_model else None
     kl_ctl = KLController(args.kl_coef, args.kl_target, args.kl_horizon, args.adaptive_kl)
     score_moments = RunningMoments()
     start_iteration = 0

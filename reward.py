@@ -30,7 +30,7 @@ from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed, mean_over_processes
 from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
                        quiet_load_report)
-from utils.models import add_lora, compile_blocks, fuse_gelu
+from utils.models import add_lora, check_dtype, compile_blocks, fuse_gelu, weights_dtype
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
 
@@ -62,6 +62,8 @@ class Args:
     """backbone (hub id or local folder) loaded as a sequence classifier with one output (a fresh head if needed)"""
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: trained weights fp32, frozen ones (reference, reward model, LoRA base) bf16 on CUDA; else one for all"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
     compile: bool = False
@@ -136,6 +138,7 @@ class Args:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
+    check_dtype(args.dtype, args.lora_r)
     check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every",
                    "max_seq_length", "max_eval_examples")
     if args.eval_every < 0 or args.weight_decay < 0:
@@ -307,7 +310,7 @@ def load_model(args: Args, tokenizer, device, verbose: bool = True, config=None)
     classifier) gets a fresh one-output head. Weights stay in fp32 (bf16 only inside autocast)."""
     remote = {"trust_remote_code": args.trust_remote_code}
     config = config or from_pretrained(AutoConfig, args.model, "--model", **remote)
-    kwargs = {"num_labels": 1, "dtype": torch.float32, **remote}
+    kwargs = {"num_labels": 1, "dtype": weights_dtype(args.dtype, device, trained=args.lora_r == 0), **remote}
     classifier = bool(config.architectures) and "ForSequenceClassification" in config.architectures[0]
     if classifier and config.num_labels != 1:
         kwargs["ignore_mismatched_sizes"] = True

@@ -33,7 +33,7 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed
 from utils.hub import UserError, check_paths, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, compile_blocks, fuse_gelu, lm_head_weight
+from utils.models import add_lora, check_dtype, compile_blocks, fuse_gelu, lm_head_weight, weights_dtype
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
 
@@ -71,6 +71,8 @@ class Args:
     """with --from-scratch: config fields to change, e.g. n_layer=4 n_embd=256 n_head=4"""
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: trained weights fp32, frozen ones (reference, reward model, LoRA base) bf16 on CUDA; else one for all"""
     attn_implementation: Optional[str] = None
     """attention kernel: sdpa, eager, flash_attention_2, ... (None: transformers' choice)"""
     gradient_checkpointing: bool = False
@@ -155,6 +157,7 @@ class Args:
 
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
+    check_dtype(args.dtype, args.lora_r)
     check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every",
                    "max_seq_length", "loss_chunk_size", "max_eval_examples")
     if args.eval_every < 0 or args.weight_decay < 0:
@@ -499,7 +502,8 @@ def load_config(args: Args, tokenizer):
 def load_model(args: Args, config, tokenizer, device):
     """The causal LM: pretrained, or freshly initialised from `config` (--from-scratch); LoRA on top if asked.
     Weights are kept in fp32 (bf16 only inside autocast), so small updates are not rounded away."""
-    kwargs = {"dtype": torch.float32, "trust_remote_code": args.trust_remote_code}
+    kwargs = {"dtype": weights_dtype(args.dtype, device, trained=args.lora_r == 0),
+              "trust_remote_code": args.trust_remote_code}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     if args.from_scratch:

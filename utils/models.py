@@ -4,6 +4,26 @@ the function and the saved weights unchanged. Nothing here is part of an algorit
 import torch
 
 
+def weights_dtype(name: str, device, trained: bool = True) -> torch.dtype:
+    """--dtype: the dtype a model's weights are loaded in. 'auto': weights that train in float32 (master weights: small
+    updates are not rounded away; on CUDA the compute runs in bf16 under autocast), frozen weights (a reference or
+    reward model, a LoRA base) in bfloat16 on a CUDA GPU that has it, else float32. float32 / bfloat16 / float16:
+    every model in that dtype (Adam's state then follows the trained weights'; LoRA adapters stay float32)."""
+    if name == "auto":
+        half = not trained and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if half else torch.float32
+    return getattr(torch, name)
+
+
+def check_dtype(name: str, lora_r: int):
+    """float16 weights cannot be trained without loss scaling, which the scripts do not do: LoRA or bfloat16."""
+    from utils.hub import UserError
+
+    if name == "float16" and lora_r == 0:
+        raise UserError("--dtype float16 would train float16 weights, which needs loss scaling: use --dtype bfloat16, "
+                        "or LoRA (--lora-r; the adapters stay float32 over a float16 base)")
+
+
 def add_lora(model, args, task_type: str):
     """The model with LoRA adapters (peft) from --lora-r/--lora-alpha/--lora-dropout/--lora-target-modules, or the
     model itself when --lora-r is 0. task_type: CAUSAL_LM, SEQ_2_SEQ_LM or SEQ_CLS (peft then trains and saves a

@@ -166,9 +166,9 @@ class RewardModel:
     """A sequence classifier (--reward-model) with its own tokenizer: it reads decoded text, never policy ids, so
     any policy tokenizer works. The score is the logit of --reward-label (the only one for 1-output models)."""
 
-    def __init__(self, name: str, label: str, device, trust_remote_code: bool = False):
+    def __init__(self, name: str, label: str, device, trust_remote_code: bool = False, dtype=torch.float32):
         remote = dict(trust_remote_code=trust_remote_code)
-        self.model = from_pretrained(AutoModelForSequenceClassification, name, "--reward-model", **remote)
+        self.model = from_pretrained(AutoModelForSequenceClassification, name, "--reward-model", dtype=dtype, **remote)
         self.model.to(device).eval()
         fuse_gelu(self.model)
         self.tokenizer = from_pretrained(AutoTokenizer, name, "--reward-model", **remote)
