@@ -1,5 +1,6 @@
-"""The offline quickstart: SFT -> reward model -> PPO on real IMDB reviews, then a before/after evaluation; or
-(--pipeline grpo) SFT -> GRPO on sums a program checks, with held-out accuracy along the way.
+"""The offline quickstart: SFT -> reward model -> PPO on real IMDB reviews, and DPO from the same SFT model on the
+same preference pairs, then PPO and DPO side by side on held-out prompts; or (--pipeline grpo) SFT -> GRPO on sums a
+program checks, with held-out accuracy along the way.
 
     python quickstart.py                    # the whole RLHF pipeline (see README for the measured time)
     python quickstart.py --fast             # a smoke-sized run (CI)
@@ -10,12 +11,14 @@ utils/ (shared plumbing, which imports no algorithm script).
 
 Every stage runs one of our scripts as a subprocess with the flags printed here, exactly as you would by hand.
 A finished stage is skipped on the next call (unless --force); an interrupted one resumes from its checkpoint.
-Outputs in --out: data/, sft/, reward/, ppo/ (each a normal run folder), report.json, report.md, curves.png;
+Outputs in --out: data/, sft/, reward/, ppo/, dpo/ (each a normal run folder), report.json, report.md, curves.png
+(PPO's learning curves), ppo_vs_dpo.png;
 with --pipeline grpo in --out/grpo: task/ (utils/arithmetic.py's problems), sft/, grpo/, report.md, curves.png.
 """
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import subprocess
@@ -33,7 +36,8 @@ KL_BUDGET = 6.0  # nats per sequence: PPO's policy must stay this close to the S
 # Stage sizes: (full, fast). The full run is tuned to finish in about the time README states on 2 CPU cores.
 SIZES = {
     "sft_steps": (400, 100), "reward_pairs": (1000, 400), "reward_steps": (60, 20), "reward_max_len": (128, 64),
-    "ppo_episodes": (64 * 30, 64 * 22), "eval_prompts": (256, 512),
+    "ppo_episodes": (64 * 30, 64 * 22), "eval_prompts": (256, 512), "dpo_steps": (63, 50),
+    "dpo_learning_rate": ("5e-4", "1e-3"),
 }
 # The fast run is a test (tests/test_quickstart.py: the judge must rise clearly): its evaluation uses more prompts
 # than the full run's, so the judge's mean is measured closely (standard error ~0.016 with 512 prompts, ~0.03 with
@@ -65,6 +69,15 @@ def stage_commands(out: Path, tiny: Path, fast: bool, seed: int) -> dict:
             "--learning-rate", "4e-4", "--anneal-lr", "--score-scaling", "normalize", "--response-length", "24",
             # a fixed kl_coef for the 6-nat KL budget (see README, Quickstart: the adaptive controller overshoots it)
             "--kl-coef", "0.3", "--no-adaptive-kl", "--save-every", "5", "--seed", seed, "--output-dir", out / "ppo",
+        ],
+        # DPO: the same SFT model and the same pairs as the reward model, no reward model, no sampling; one epoch of
+        # 1,000 pairs (fast: two of 400), the learning rate set for PPO's KL budget (see README, Quickstart)
+        "dpo": [
+            "dpo.py", "--model", out / "sft", "--dataset", out / "data/prefs_train.jsonl", "--eval-dataset",
+            out / "data/prefs_test.jsonl", "--max-length", "128", "--batch-size", "16", "--learning-rate",
+            size["dpo_learning_rate"],
+            "--max-steps", size["dpo_steps"], "--eval-every", size["dpo_steps"], "--save-every", "20", "--seed", seed,
+            "--output-dir", out / "dpo",
         ],
     }
 
@@ -100,9 +113,7 @@ def grpo_pipeline(out: Path, fast: bool, force: bool, seed: int, rel) -> Path:
         arithmetic.build(out / "task", seed)
     stage_times = {}
     for name, argv in grpo_commands(rel(out), fast, seed).items():
-        t = time.perf_counter()
-        run_stage(name, argv, out / name, force)
-        stage_times[name] = f"{time.perf_counter() - t:.0f} s"
+        stage_times[name] = f"{run_stage(name, argv, out / name, force):.0f} s"
     rows = [json.loads(line) for line in open(out / "grpo/metrics.jsonl")]
     evals = [r for r in rows if "eval/accuracy" in r]
     before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
@@ -124,11 +135,13 @@ def grpo_pipeline(out: Path, fast: bool, force: bool, seed: int, rel) -> Path:
     return out / "report.md"
 
 
-def run_stage(name: str, argv: list, out_dir: Path, force: bool):
+def run_stage(name: str, argv: list, out_dir: Path, force: bool) -> float:
+    """Run one stage (skipped if done, resumed if interrupted); returns the seconds its run took (recorded when it
+    finished, so a skipped stage reports its own time)."""
     done = out_dir / ".quickstart-done"
     if done.exists() and not force:
         print(f"[{name}] done already ({out_dir}); --force reruns it")
-        return
+        return float(done.read_text().split()[0])
     argv = [str(a) for a in argv]
     if (out_dir / "args.json").exists():  # an interrupted stage: continue it, or start it again with --force
         argv.append("--overwrite" if force else "--resume")
@@ -136,12 +149,15 @@ def run_stage(name: str, argv: list, out_dir: Path, force: bool):
     start = time.perf_counter()
     if subprocess.run([sys.executable, *argv], cwd=ROOT).returncode != 0:
         sys.exit(f"error: the {name} stage failed (its message is above); rerun to resume it, or add --force")
-    done.write_text(f"{time.perf_counter() - start:.0f} s\n")
+    seconds = time.perf_counter() - start
+    done.write_text(f"{seconds:.0f} s\n")
+    return seconds
 
 
 def evaluate(out: Path, eval_prompts: list, seed: int, n_samples: int = 6) -> dict:
-    """Before (SFT) vs after (PPO) on held-out prompts: reward-model score, an independent judge (VADER
-    sentiment of the completion, never used in training), and KL(after || before) of the after-policy's samples."""
+    """The SFT policy, the PPO policy and the DPO policy on held-out prompts: reward-model score, an independent
+    judge (VADER sentiment of the completion, never used in training), and KL(policy || SFT) on the policy's own
+    samples (as ppo.py's objective/kl)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -156,28 +172,31 @@ def evaluate(out: Path, eval_prompts: list, seed: int, n_samples: int = 6) -> di
     args = ppo.Args(response_length=24)
     gen_config, stop_id = ppo.make_generation_config(args, tokenizer)
     prompts = ppo.build_prompts(_as_dataset(eval_prompts), tokenizer, "text", 2, 8, seed)
-    models = {"before": AutoModelForCausalLM.from_pretrained(out / "sft").eval(),
-              "after": AutoModelForCausalLM.from_pretrained(out / "ppo").eval()}
-    report, completions = {"n_prompts": len(prompts)}, {}
-    for name, lm in models.items():
+    prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    sft = AutoModelForCausalLM.from_pretrained(out / "sft").eval()
+    report, completions = {"n_prompts": len(prompts), "policies": {}}, {}
+    for name in POLICIES:
+        lm = sft if name == "sft" else AutoModelForCausalLM.from_pretrained(out / name).eval()
         torch.manual_seed(seed)
         responses = []
         for i in range(0, len(prompts), 64):
             generated = ppo.generate(lm, prompts[i : i + 64], tokenizer.pad_token_id, gen_config, device)
             responses += ppo.truncate_after_stop(generated, stop_id)[0]
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
         full_texts = [p + c for p, c in zip(prompt_texts, texts)]
         rm = score_with_model(reward_model, reward_tokenizer, full_texts, 0, 64, device)
         judge = reward_vader(prompt_texts, texts, None)
-        report[name] = {"reward_model": _mean_std(rm.tolist()), "vader": _mean_std(judge)}
-        completions[name] = (prompt_texts, texts)
-        if name == "after":
-            kl = _sequence_kl(models["after"], models["before"], prompts, responses, tokenizer)
-            report["kl_after_vs_before"] = _mean_std(kl)
-    report["samples"] = [{"prompt": p, "before": b, "after": a} for p, b, a in
-                         zip(completions["before"][0], completions["before"][1], completions["after"][1])][:n_samples]
+        result = {"reward_model": _mean_std(rm.tolist()), "vader": _mean_std(judge)}
+        if name != "sft":
+            result["kl_vs_sft"] = _mean_std(_sequence_kl(lm, sft, prompts, responses, tokenizer))
+        report["policies"][name] = result
+        completions[name] = texts
+    report["samples"] = [{"prompt": prompt_texts[i], **{name: completions[name][i] for name in POLICIES}}
+                         for i in range(min(n_samples, len(prompts)))]
     return report
+
+
+POLICIES = {"sft": "SFT (start)", "ppo": "PPO", "dpo": "DPO"}
 
 
 def _sequence_kl(lm, ref_lm, queries, responses, tokenizer):
@@ -208,28 +227,51 @@ def _mean_std(xs):
     return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
 
 
-def write_report(out: Path, report: dict, stage_times: dict) -> Path:
-    b, a = report["before"], report["after"]
+def gain(report: dict, name: str, metric: str) -> tuple[float, float]:
+    """A policy's mean `metric` minus the SFT policy's, and the standard error of that difference (independent
+    samples on the same prompts)."""
+    a, b = report["policies"][name][metric], report["policies"]["sft"][metric]
+    return a["mean"] - b["mean"], math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+
+
+def write_report(out: Path, report: dict, stage_seconds: dict) -> Path:
+    """report.md (tables: the three policies; PPO vs DPO; sample completions), report.json and ppo_vs_dpo.png."""
+    from utils.plot import plot_bars
+
     lines = [
-        "# Quickstart report: SFT -> reward model -> PPO (offline IMDB)", "",
+        "# Quickstart report: SFT -> reward model -> PPO, and SFT -> DPO (offline IMDB)", "",
         f"Held-out prompts: {report['n_prompts']} (first 2-8 tokens of held-out reviews); mean ± std.", "",
-        "| policy | reward-model score | VADER judge (independent) |", "|---|---|---|",
-        f"| before PPO (SFT) | {b['reward_model']['mean']:+.3f} ± {b['reward_model']['std']:.3f} | "
-        f"{b['vader']['mean']:+.3f} ± {b['vader']['std']:.3f} |",
-        f"| after PPO | {a['reward_model']['mean']:+.3f} ± {a['reward_model']['std']:.3f} | "
-        f"{a['vader']['mean']:+.3f} ± {a['vader']['std']:.3f} |", "",
-        f"KL(after || before) per sequence: {report['kl_after_vs_before']['mean']:.2f} ± "
-        f"{report['kl_after_vs_before']['std']:.2f} nats", "",
-        "Stage times: " + ", ".join(f"{k} {v}" for k, v in stage_times.items()), "",
-        "| prompt | before PPO | after PPO |", "|---|---|---|",
+        "| policy | reward-model score | VADER judge (independent) | KL to SFT (nats/seq) |", "|---|---|---|---|",
     ]
+    for name, label in POLICIES.items():
+        r = report["policies"][name]
+        kl = f"{r['kl_vs_sft']['mean']:.2f} ± {r['kl_vs_sft']['std']:.2f}" if "kl_vs_sft" in r else "0"
+        lines.append(f"| {label} | {r['reward_model']['mean']:+.3f} ± {r['reward_model']['std']:.3f} | "
+                     f"{r['vader']['mean']:+.3f} ± {r['vader']['std']:.3f} | {kl} |")
+    lines += ["", "PPO vs DPO, each from the same SFT model and the same preference pairs (PPO through the reward "
+              "model trained on them; DPO directly); gains over SFT ± standard error:", "",
+              "| | judge gain | reward-model gain | KL to SFT | training time |", "|---|---|---|---|---|"]
+    bars = {"VADER judge gain over SFT": {}, "reward-model gain over SFT": {}, "KL to SFT (nats/seq)": {},
+            "training time (s)": {}}
+    for name, seconds in (("ppo", stage_seconds["reward"] + stage_seconds["ppo"]), ("dpo", stage_seconds["dpo"])):
+        judge, rm, kl = gain(report, name, "vader"), gain(report, name, "reward_model"), \
+            report["policies"][name]["kl_vs_sft"]
+        what = f"{seconds:.0f} s" + (f" (reward model {stage_seconds['reward']:.0f} s + PPO)" if name == "ppo" else "")
+        lines.append(f"| {POLICIES[name]} | {judge[0]:+.3f} ± {judge[1]:.3f} | {rm[0]:+.3f} ± {rm[1]:.3f} | "
+                     f"{kl['mean']:.2f} | {what} |")
+        for title, value in zip(bars, (judge, rm, (kl["mean"], kl["std"] / math.sqrt(kl["n"])), (seconds, 0.0))):
+            bars[title][POLICIES[name]] = value
+    lines += ["", "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items()), "",
+              "| prompt | " + " | ".join(POLICIES.values()) + " |", "|---" * (len(POLICIES) + 1) + "|"]
 
     def clean(text):  # one table cell
         return text.replace("|", "/").replace("\n", " ")
 
-    lines += [f"| {clean(s['prompt'])} | {clean(s['before'])} | {clean(s['after'])} |" for s in report["samples"]]
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    lines += ["| " + " | ".join(clean(s[k]) for k in ("prompt", *POLICIES)) + " |" for s in report["samples"]]
+    (out / "report.json").write_text(json.dumps({**report, "stage_seconds": stage_seconds}, indent=2))
     (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_bars(bars, out / "ppo_vs_dpo.png", title=f"PPO vs DPO from the same SFT model ({report['n_prompts']} "
+              "held-out prompts; error bars: standard error)")
     return out / "report.md"
 
 
@@ -261,21 +303,20 @@ def main():
         write_jsonl(out / "data/eval_prompts.jsonl", ({"text": r["text"]} for r in test[-size["eval_prompts"]:]))
 
     commands = stage_commands(rel(out), rel(tiny), a.fast, a.seed)
-    stage_times = {}
+    stage_seconds = {}
     for name, argv in commands.items():
-        t = time.perf_counter()
-        run_stage(name, argv, out / name, a.force)
-        stage_times[name] = f"{time.perf_counter() - t:.0f} s"
+        stage_seconds[name] = run_stage(name, argv, out / name, a.force)
 
-    print("[eval] before/after PPO on held-out prompts", flush=True)
+    print("[eval] SFT, PPO and DPO policies on held-out prompts", flush=True)
     report = evaluate(out, read_jsonl(out / "data/eval_prompts.jsonl"), a.seed)
     report["total_seconds"] = round(time.perf_counter() - start)
-    report_md = write_report(out, report, stage_times)
+    report_md = write_report(out, report, stage_seconds)
     from utils.plot import plot_metrics
 
     png = plot_metrics(out / "ppo/metrics.jsonl", out / "curves.png", title="PPO on the offline IMDB quickstart")
     print((out / "report.md").read_text())
-    print(f"quickstart done in {report['total_seconds']} s: {report_md}, {png}, {out / 'report.json'}")
+    print(f"quickstart done in {report['total_seconds']} s: {report_md}, {png}, {out / 'ppo_vs_dpo.png'}, "
+          f"{out / 'report.json'}")
 
 
 if __name__ == "__main__":

@@ -36,5 +36,28 @@ def plot_metrics(metrics_path, out_png=None, panels=PPO_PANELS, step_key="iterat
     return out_png
 
 
+def plot_bars(panels: dict, out_png, title=None) -> Path:
+    """One bar chart per panel, side by side: panels = {panel title: {bar label: (value, error bar)}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for ax, (panel, bars) in zip(axes[0], panels.items()):
+        labels = list(bars)
+        ax.bar(labels, [bars[k][0] for k in labels], yerr=[bars[k][1] for k in labels], capsize=4,
+               color=["tab:blue", "tab:orange", "tab:green"][: len(labels)])
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(panel, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
+
+
 if __name__ == "__main__":
     print(plot_metrics(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
