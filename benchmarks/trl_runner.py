@@ -73,6 +73,21 @@ def count_optimizer_steps(optimizer, timers):
     inner.step = timers.wrap("optimizer_step", inner.step)
 
 
+def count_tokens(trainer) -> list:
+    """Wrap the trainer's collator to record the real (non-pad) tokens of each batch, in a list that fills as it
+    trains (every attention mask of the batch summed; all ids if it has none)."""
+    tokens, collator = [], trainer.data_collator
+
+    def counting_collator(features):
+        batch = collator(features)
+        masks = [batch[k] for k in ("attention_mask", "chosen_attention_mask", "rejected_attention_mask") if k in batch]
+        tokens.append(int(sum(m.sum() for m in masks)) if masks else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    return tokens
+
+
 def run_ppo(cfg):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -176,16 +191,7 @@ def run_sft(cfg):
     clock = step_clock()
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[clock])
-    tokens = []
-    collator = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collator(features)
-        mask = batch.get("attention_mask")
-        tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
-        return batch
-
-    trainer.data_collator = counting_collator
+    tokens = count_tokens(trainer)
     start = time.perf_counter()
     trainer.train()
     return {"iteration_s": iteration_seconds(clock), "train_s": time.perf_counter() - start, "tokens": tokens,
@@ -215,17 +221,7 @@ def run_reward(cfg):
     clock = step_clock()
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                             callbacks=[clock])
-    tokens = []
-    collator = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collator(features)
-        for key in ("chosen_attention_mask", "rejected_attention_mask", "attention_mask"):
-            if key in batch:
-                tokens.append(int(batch[key].sum()))
-        return batch
-
-    trainer.data_collator = counting_collator
+    tokens = count_tokens(trainer)
     start = time.perf_counter()
     trainer.train()
     return {"iteration_s": iteration_seconds(clock), "train_s": time.perf_counter() - start, "tokens": tokens,
@@ -255,15 +251,7 @@ def run_dpo(cfg):
     clock = step_clock()
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[clock])
-    tokens = []
-    collator = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collator(features)
-        tokens.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    trainer.data_collator = counting_collator
+    tokens = count_tokens(trainer)
     start = time.perf_counter()
     trainer.train()
     return {"iteration_s": iteration_seconds(clock), "train_s": time.perf_counter() - start, "tokens": tokens,

@@ -51,3 +51,21 @@ def record_learning(test: str, value: float, threshold: float):
         with open(os.environ["LEARNING_LOG"], "a") as f:
             row = {"test": test, "seed": learning_seed(-1), "value": value, "threshold": threshold}
             f.write(json.dumps(row) + "\n")
+
+
+def chat_template(turn_end: str = "") -> str:
+    """A minimal chat template: each message as <role>content{turn_end}, and <assistant> as the generation prompt."""
+    return ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}" + turn_end + "{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def chat_policy(assets: Path, folder: Path, turn_end: str = ""):
+    """The tiny policy saved in `folder` with a tokenizer that has chat_template(turn_end). Returns (folder,
+    tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(assets / "policy").save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(assets / "policy")
+    tokenizer.chat_template = chat_template(turn_end)
+    tokenizer.save_pretrained(folder)
+    return folder, tokenizer

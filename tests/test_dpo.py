@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpo
-from conftest import ROOT, learning_seed, record_learning, run_script, torchrun
+from conftest import ROOT, chat_template, learning_seed, record_learning, run_script, torchrun
 from utils import data as data_lib
 from utils.assets import write_jsonl
 from utils.hub import UserError
@@ -126,8 +126,7 @@ def test_tokenized_as_sft_trains(assets):
 
 def test_conversations_use_the_chat_template(assets):
     tokenizer = AutoTokenizer.from_pretrained(assets / "policy")
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.chat_template = chat_template(turn_end="|")
     user = [{"role": "user", "content": "Review it"}]
     rows = [{"chosen": user + [{"role": "assistant", "content": "Great"}],  # no prompt column: the shared messages
              "rejected": user + [{"role": "assistant", "content": "Awful"}]}]

@@ -246,14 +246,9 @@ def test_helpers_copied_from_ppo_are_identical():
 
 
 def test_chat_prompts_are_rendered_with_the_template_and_generation_prompt(assets, tmp_path):
-    from transformers import AutoTokenizer
+    from conftest import chat_policy
 
-    model_dir = tmp_path / "chat_policy"
-    AutoModelForCausalLM.from_pretrained(assets / "policy").save_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(assets / "policy")
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    tokenizer.save_pretrained(model_dir)
+    model_dir, tokenizer = chat_policy(assets, tmp_path / "chat_policy")
     rows = [{"prompt": [{"role": "user", "content": f"{a}+{a}="}], "answer": str(2 * a)} for a in range(8)]
     write_jsonl(tmp_path / "chat.jsonl", rows)
     import datasets

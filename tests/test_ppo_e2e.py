@@ -205,17 +205,11 @@ def test_chat_prompts_and_the_reward_model_reads_the_conversation(assets, tmp_pa
     (whole, as sft.py trains chats), and the reward model reads the conversation with the response as the
     assistant's turn (what reward.py trains on chat pairs), rendered with its own template or, lacking one, the
     policy's."""
-    from transformers import AutoTokenizer
-
+    from conftest import chat_policy
     from utils.assets import write_jsonl
     from utils.rewards import RewardModel
 
-    model_dir = tmp_path / "chat_policy"
-    AutoModelForCausalLM.from_pretrained(assets / "policy").save_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(assets / "policy")
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
-    tokenizer.save_pretrained(model_dir)
+    model_dir, _ = chat_policy(assets, tmp_path / "chat_policy", turn_end="|")
     topics = ["a comedy", "a thriller", "a cartoon", "a documentary"]
     write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": f"Review {t}."}]} for t in topics])
     seen = []
