@@ -264,11 +264,14 @@ def concatenated_logps(model, pairs, pad_id: int, device, head=None):
     positions = torch.arange(1, input_ids.shape[1], device=device)
     # position t predicts token t + 1: mask[:, t] says whether token t + 1 is a completion token
     mask = (positions >= starts[:, None]) & attention_mask[:, 1:].bool()  # shape: [2 * pairs, len - 1]
+    # No attention mask: with right padding a causal LM's real tokens never attend to the padding after them, so
+    # their outputs are the masked ones (and without a mask attention runs its fused causal kernel); the padded
+    # positions' outputs are left out of the sums below.
     with autocast(device):
         if head is None:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask]
+            logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1][mask]
         else:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+            out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True,
                         logits_to_keep=input_ids.new_zeros(0))  # no logits from the model itself
             logits = out.hidden_states[-1][:, :-1][mask] @ head.T  # shape: [completion tokens, vocab]
     token_logps = torch.gather(F.log_softmax(logits.float(), -1), 1, input_ids[:, 1:][mask].unsqueeze(1)).squeeze(1)
@@ -392,9 +395,8 @@ def load_pairs(args: Args, tokenizer, verbose: bool = True):
             dataset = dataset.select(range(min(args.max_eval_examples, len(dataset))))
         pairs, n_truncated, n_identical = tokenize_pairs(dataset, tokenizer, args.max_prompt_length, args.max_length)
         if verbose and n_truncated:
-            print(f"warning: {n_truncated} of {len(dataset)} {flag} pairs were longer than --max-prompt-length "
-                  f"{args.max_prompt_length} / --max-length {args.max_length} tokens and were truncated",
-                  file=sys.stderr)
+            print(f"warning: {n_truncated} of {len(dataset)} {flag} pairs were cut to fit --max-length "
+                  f"{args.max_length} tokens (prompts to their last {args.max_prompt_length})", file=sys.stderr)
         if verbose and n_identical:
             print(f"warning: {n_identical} {flag} pairs have chosen == rejected (after truncation) and were dropped",
                   file=sys.stderr)
