@@ -46,7 +46,7 @@ class Args:
     exp_name: str = "dpo"
     """name of the run (wandb run name prefix)"""
     seed: int = 1
-    """seed of the run (data order, held-out split): a CPU run is repeatable"""
+    """seed of the run (the order of the pairs): a CPU run is repeatable"""
     output_dir: str = "runs/dpo"
     """where checkpoints, metrics.jsonl and the final model go"""
     resume: bool = False
