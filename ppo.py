@@ -405,6 +405,14 @@ def make_generation_config(args: Args, tokenizer):
     return gen_config, stop_id
 
 
+def cut_to_drawn_lengths(responses, contains_stop, min_length: int, max_length: int):
+    """Each response cut to a maximum length drawn uniformly from [min_length, max_length] (TRL's LengthSampler);
+    a response still contains its stop token if it ended before its cut. Returns (responses, contains_stop)."""
+    limits = torch.randint(min_length, max_length + 1, (len(responses),))
+    contains_stop = contains_stop & (torch.tensor([len(r) for r in responses]) <= limits)
+    return [r[:n] for r, n in zip(responses, limits.tolist())], contains_stop
+
+
 def generate(lm, queries, pad_id: int, gen_config: GenerationConfig, device, synced: bool = False):
     """Sample a response for each query (left-padded: every prompt is continued at the same position). synced: every
     process runs the same number of decoding steps (FSDP)."""
@@ -628,9 +636,12 @@ def sample_table(lm, ref_lm, tokenizer, queries, completions, scores, gen_config
             for p, c, s, r in zip(prompts, completions, scores, references)]
 
 
-def render_conversations(conversations, completions, reward_model, tokenizer) -> list[str]:
-    """Each conversation with its completion as the assistant's turn, rendered with the reward model's chat template
-    (reward.py renders chat pairs with its own tokenizer's), or the policy's if it has none."""
+def reward_model_texts(prompt_texts, completions, conversations, reward_model, tokenizer) -> list[str]:
+    """What the reward model reads: prompt + completion text, or (chat prompts) each conversation with its completion
+    as the assistant's turn, rendered with the reward model's chat template (reward.py renders chat pairs with its
+    own tokenizer's), or the policy's if it has none."""
+    if conversations is None:
+        return [p + c for p, c in zip(prompt_texts, completions)]
     template_owner = reward_model.tokenizer if reward_model is not None and reward_model.tokenizer.chat_template \
         else tokenizer
     return [template_owner.apply_chat_template(list(c) + [{"role": "assistant", "content": text}], tokenize=False)
@@ -684,17 +695,16 @@ def main(args: Args):
         generated = generate(policy.lm, queries, tokenizer.pad_token_id, gen_config, device, synced=args.fsdp)
         responses, contains_stop = truncate_after_stop(generated, stop_id)
         if args.response_length_min is not None:  # each response cut to its own drawn maximum length
-            limits = torch.randint(args.response_length_min, args.response_length + 1, (len(responses),))
-            contains_stop &= torch.tensor([len(r) for r in responses]) <= limits  # the stop token survives the cut
-            responses = [r[:n] for r, n in zip(responses, limits.tolist())]
+            responses, contains_stop = cut_to_drawn_lengths(responses, contains_stop, args.response_length_min,
+                                                            args.response_length)
         generate_time = time.perf_counter() - start
 
         # Score: the reward model reads prompt + response as text (chat prompts: the conversation with the response as
         # the assistant's turn, rendered as reward.py trains on chat pairs); reward functions get both and the ids
         prompt_texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        texts = [p + c for p, c in zip(prompt_texts, completions)] if conversations is None else \
-            render_conversations([conversations[i] for i in indices], completions, reward_model, tokenizer)
+        texts = reward_model_texts(prompt_texts, completions, conversations and [conversations[i] for i in indices],
+                                   reward_model, tokenizer)
         scores, parts = total_reward(reward_model, reward_fns, args.reward_weights, texts, prompt_texts, completions,
                                      responses, args.micro_batch_size, f"iteration {iteration + 1}")
         if args.missing_eos_penalty is not None and stop_id is not None:
@@ -716,15 +726,14 @@ def main(args: Args):
             "perf/rollout_s": rollout_time, "perf/iteration_s": iteration_time,
             "perf/episodes_per_s": args.batch_size / iteration_time, "perf/peak_memory_mb": peak_memory_mb(device),
         }, device))
-        samples = None
-        if args.sample_every and ((iteration + 1) % args.sample_every == 0 or iteration + 1 == args.num_iterations):
-            # every process generates (FSDP gathers weights in each), rank 0 logs its first 4 episodes
-            samples = sample_table(policy.lm, ref_lm, tokenizer, queries[:4], completions[:4], scores[:4], gen_config,
-                                   stop_id, device, args.fsdp)
+        last = iteration + 1 == args.num_iterations
+        sampling = args.sample_every and ((iteration + 1) % args.sample_every == 0 or last)
+        samples = sample_table(policy.lm, ref_lm, tokenizer, queries[:4], completions[:4], scores[:4], gen_config,
+                               stop_id, device, args.fsdp) if sampling else None  # every process (FSDP); rank 0 logs
         if is_main:
             tracker.log(stats, samples=samples)
             bar.write(summary(stats))
-        if (iteration + 1) % args.save_every == 0 or iteration + 1 == args.num_iterations:
+        if (iteration + 1) % args.save_every == 0 or last:
             state = full_state_dicts(policy, optimizer, args.fsdp)  # every process: FSDP gathers the shards
             if is_main:
                 save_checkpoint(ckpt_dir, policy, tokenizer, state, iteration + 1, kl_coef=kl_ctl.kl_coef,

@@ -408,6 +408,14 @@ def make_generation_config(args: Args, tokenizer, decoder_start_token_id: int):
     return gen_config, stop_id
 
 
+def cut_to_drawn_lengths(responses, contains_stop, min_length: int, max_length: int):
+    """Each response cut to a maximum length drawn uniformly from [min_length, max_length] (TRL's LengthSampler);
+    a response still contains its stop token if it ended before its cut. Returns (responses, contains_stop)."""
+    limits = torch.randint(min_length, max_length + 1, (len(responses),))
+    contains_stop = contains_stop & (torch.tensor([len(r) for r in responses]) <= limits)
+    return [r[:n] for r, n in zip(responses, limits.tolist())], contains_stop
+
+
 def generate(lm, queries, pad_id: int, gen_config: GenerationConfig, device, synced: bool = False):
     """Sample a response for each query: the decoder's tokens after its start token. synced: every process runs the
     same number of decoding steps (FSDP)."""
@@ -658,9 +666,8 @@ def main(args: Args):
         generated = generate(policy.lm, queries, tokenizer.pad_token_id, gen_config, device, synced=args.fsdp)
         responses, contains_stop = truncate_after_stop(generated, stop_id)
         if args.response_length_min is not None:  # each response cut to its own drawn maximum length
-            limits = torch.randint(args.response_length_min, args.response_length + 1, (len(responses),))
-            contains_stop &= torch.tensor([len(r) for r in responses]) <= limits  # the stop token survives the cut
-            responses = [r[:n] for r, n in zip(responses, limits.tolist())]
+            responses, contains_stop = cut_to_drawn_lengths(responses, contains_stop, args.response_length_min,
+                                                            args.response_length)
         generate_time = time.perf_counter() - start
 
         # Score: the reward model reads the text start + its continuation (the review, without the instruction)
