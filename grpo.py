@@ -261,14 +261,31 @@ def aggregate_loss(loss, mask, loss_type: str, max_completion_length: int, n_seq
     raise ValueError(f"unknown loss type {loss_type!r}")
 
 
-def lm_forward(lm, query_responses, attention_mask, context_length: int):
-    """Logits at the positions that predict each completion token: [batch, completion_len, vocab]. Position ids come
-    from the attention mask, so left padding does not shift positions; only those positions reach the LM head."""
-    response_len = query_responses.shape[1] - context_length
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = lm(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
-             logits_to_keep=response_len + 1, use_cache=False)
-    return out.logits[:, :-1]  # position t predicts token t+1
+def lm_forward(lm, prompt_ids, prompt_mask, completion_ids, completion_mask, group, share_prompt: bool = True):
+    """Logits at the positions that predict each completion token: [batch, completion_len, vocab].
+
+    prompt_ids/prompt_mask: the distinct prompts [P, prompt_len], left-padded; completion_ids/completion_mask: the
+    completions [batch, completion_len], right-padded; group[i]: the row of completion i's prompt. Position ids come
+    from the masks, so padding shifts no position. share_prompt: each prompt is read once and its G completions attend
+    to its cached keys/values, the same numbers as reading [prompt, completion] G times (gradients reach the prompt's
+    positions through the cache) at a G-th of the prompt's compute. Off, [prompt, completion] is one sequence
+    (activation checkpointing drops caches)."""
+    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    positions = prompt_mask.sum(1)[group].unsqueeze(1) + torch.arange(completion_ids.shape[1],
+                                                                      device=completion_ids.device)
+    attention_mask = torch.cat([prompt_mask[group], completion_mask], 1)
+    if not share_prompt:
+        out = lm(input_ids=torch.cat([prompt_ids[group], completion_ids], 1), attention_mask=attention_mask,
+                 position_ids=torch.cat([prompt_positions[group], positions], 1),
+                 logits_to_keep=completion_ids.shape[1] + 1, use_cache=False)
+        return out.logits[:, :-1]  # position t predicts token t+1; only these positions reach the LM head
+    prompt_out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                    logits_to_keep=1, use_cache=True)  # the prompt's last position predicts the first token
+    cache = prompt_out.past_key_values
+    cache.reorder_cache(group)  # each completion gets its prompt's keys/values (an index_select: differentiable)
+    out = lm(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
+             past_key_values=cache, use_cache=True)
+    return torch.cat([prompt_out.logits[group], out.logits[:, :-1]], 1)
 
 
 def logprobs_of(logits, tokens):
@@ -294,11 +311,14 @@ def truncate_after_stop(responses, stop_id: Optional[int]):
     return [r[:n] for r, n in zip(responses, lengths.tolist())], contains_stop
 
 
-def generate(lm, queries, pad_id: int, gen_config: GenerationConfig, device, synced: bool = False):
-    """Sample a completion for each query (left-padded: every prompt is continued at the same position). synced: every
-    process runs the same number of decoding steps (FSDP)."""
-    ids, mask = left_pad(queries, pad_id)
-    return sample(lm, ids, mask, gen_config, device, synced)[:, ids.shape[1] :]  # shape: [batch, <= max length]
+def generate(lm, prompts, num_generations: int, pad_id: int, gen_config: GenerationConfig, device,
+             synced: bool = False):
+    """Sample num_generations completions for each prompt, each prompt's consecutive (left-padded: every prompt is
+    continued at the same position; each prompt read once, its keys/values repeated). synced: every process runs the
+    same number of decoding steps (FSDP)."""
+    ids, mask = left_pad(prompts, pad_id)
+    out = sample(lm, ids, mask, gen_config, device, synced, num_samples=num_generations)
+    return out[:, ids.shape[1] :]  # shape: [len(prompts) * num_generations, <= max length]
 
 
 # The GRPO step: (prompts, G completions each, rewards) -> advantages -> updates. The loop and library users call it.
@@ -332,23 +352,19 @@ def grpo_step(args: Args, policy, ref_lm, optimizer, prompts, completions, rewar
     if args.skip_zero_std_groups:
         keep &= group_std > 0  # all rewards equal: advantage 0, only dilutes the token mean
 
-    # 2. Inputs, and the log-probs the update starts from: old (the sampling policy) and reference
-    queries = [q for q in prompts for _ in range(G)]
-    q_ids, q_mask = left_pad(queries, pad_id)
-    c_ids, completion_mask = right_pad(completions, pad_id)
-    context_length = q_ids.shape[1]
-    query_responses = torch.cat([q_ids, c_ids], 1).to(device)  # shape: [P * G, context + completion_len]
-    attention_mask = torch.cat([q_mask, completion_mask], 1).to(device)
-    c_ids = c_ids.to(device)
-    completion_mask = completion_mask.to(device) * keep.unsqueeze(1).float()  # the tokens that enter the loss
+    # 2. Inputs (each prompt once, its completions pointing at it), and the log-probs the update starts from: old (the
+    # sampling policy) and reference
+    q_ids, q_mask = (t.to(device) for t in left_pad(prompts, pad_id))  # shape: [P, prompt_len]
+    c_ids, c_mask = (t.to(device) for t in right_pad(completions, pad_id))  # shape: [P * G, completion_len]
+    inputs = (q_ids, q_mask, c_ids, c_mask)
+    completion_mask = c_mask * keep.unsqueeze(1).float()  # the tokens that enter the loss
     on_policy = args.num_iterations == 1 and args.num_mini_batches == 1  # old log-probs = the current ones, detached
     old_logprobs, ref_logprobs = None, None
     with torch.no_grad():
         if not on_policy:
-            old_logprobs = forward_logprobs(model, query_responses, attention_mask, context_length, c_ids, args)
+            old_logprobs = forward_logprobs(model, inputs, args)
         if args.beta > 0:
-            ref_logprobs = forward_logprobs(ref_lm, query_responses, attention_mask, context_length, c_ids, args,
-                                            adapters_off_of=None if ref_lm is not None else model)
+            ref_logprobs = forward_logprobs(ref_lm, inputs, args, adapters_off_of=None if ref_lm is not None else model)
 
     # 3. mu passes over shuffled mini-batches, gradient accumulation over micro-batches
     was_training = model.training  # activation checkpointing needs train mode (make_policy set dropout to 0)
@@ -358,7 +374,9 @@ def grpo_step(args: Args, policy, ref_lm, optimizer, prompts, completions, rewar
     token_sums = torch.zeros(5, dtype=torch.float64, device=device)  # kl, clipped low, high, entropy, tokens
     start = time.perf_counter()
     for _ in range(args.num_iterations):
-        perm = torch.randperm(n, generator=generator)
+        # Whole groups in a random order: a micro-batch then reads each of its prompts once (lm_forward)
+        perm = (torch.randperm(len(prompts), generator=generator) * G).repeat_interleave(G) + torch.arange(G).repeat(
+            len(prompts))
         for mb_start in range(0, n, args.local_mini_batch_size):
             mb_inds = perm[mb_start : mb_start + args.local_mini_batch_size].to(device)
             local_tokens = completion_mask[mb_inds].sum()
@@ -368,7 +386,7 @@ def grpo_step(args: Args, policy, ref_lm, optimizer, prompts, completions, rewar
                 inds = mb_inds[micro_start : micro_start + args.micro_batch_size]
                 mask = completion_mask[inds]
                 with autocast(device):
-                    logits = lm_forward(policy, query_responses[inds], attention_mask[inds], context_length)
+                    logits = micro_batch_logits(policy, inputs, inds, G, not args.gradient_checkpointing)
                 logits = logits / args.temperature
                 logprobs = logprobs_of(logits, c_ids[inds])
                 old = logprobs.detach() if old_logprobs is None else old_logprobs[inds]
@@ -406,20 +424,26 @@ def grpo_step(args: Args, policy, ref_lm, optimizer, prompts, completions, rewar
     }, device)
 
 
-def forward_logprobs(lm, query_responses, attention_mask, context_length: int, c_ids, args: Args,
-                     adapters_off_of=None):
+def micro_batch_logits(lm, inputs, inds, num_generations: int, share_prompt: bool):
+    """lm_forward on the completions `inds` of a step's inputs (prompts, their masks, completions, their masks)."""
+    q_ids, q_mask, c_ids, c_mask = inputs
+    rows, group = torch.unique(inds // num_generations, return_inverse=True)  # the micro-batch's prompts
+    return lm_forward(lm, q_ids[rows], q_mask[rows], c_ids[inds], c_mask[inds], group, share_prompt)
+
+
+def forward_logprobs(lm, inputs, args: Args, adapters_off_of=None):
     """Log-probs of the completion tokens under `lm` (or, adapters_off_of: that LoRA model with its adapters
     disabled), in micro-batches, without gradients. Returns [batch, completion_len]."""
-    out = []
+    c_ids, out = inputs[2], []
     for i in range(0, len(c_ids), args.micro_batch_size):
-        s = slice(i, i + args.micro_batch_size)
+        inds = torch.arange(i, min(i + args.micro_batch_size, len(c_ids)), device=c_ids.device)
         with autocast(c_ids.device):
             if adapters_off_of is not None:
                 with adapters_off_of.disable_adapter():
-                    logits = lm_forward(adapters_off_of, query_responses[s], attention_mask[s], context_length)
+                    logits = micro_batch_logits(adapters_off_of, inputs, inds, args.num_generations, True)
             else:
-                logits = lm_forward(lm, query_responses[s], attention_mask[s], context_length)
-        out.append(logprobs_of(logits / args.temperature, c_ids[s]))
+                logits = micro_batch_logits(lm, inputs, inds, args.num_generations, True)
+        out.append(logprobs_of(logits / args.temperature, c_ids[inds]))
     return torch.cat(out)
 
 
@@ -490,7 +514,7 @@ def evaluate(policy, tokenizer, prompts, columns, reward_fns, gen_config, stop_i
     completions, prompt_texts = [], []
     for i in range(0, len(share), 64):
         queries = [prompts[j] for j in share[i : i + 64]]
-        generated = generate(policy, queries, tokenizer.pad_token_id, greedy, device, synced=args.fsdp)
+        generated = generate(policy, queries, 1, tokenizer.pad_token_id, greedy, device, synced=args.fsdp)
         completions += truncate_after_stop(generated, stop_id)[0]
         prompt_texts += tokenizer.batch_decode(queries, skip_special_tokens=True)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -544,8 +568,8 @@ def main(args: Args):
         # Rollout: this process's share of the step's prompts, G completions each, cut after the stop token
         start = time.perf_counter()
         indices = batch_indices(step, args.prompts_per_step, len(prompts), args.seed, rank, world_size)
-        queries = [prompts[i] for i in indices for _ in range(args.num_generations)]
-        generated = generate(policy, queries, tokenizer.pad_token_id, gen_config, device, synced=args.fsdp)
+        generated = generate(policy, [prompts[i] for i in indices], args.num_generations, tokenizer.pad_token_id,
+                             gen_config, device, synced=args.fsdp)
         completions, stopped = truncate_after_stop(generated, stop_id)
         truncated = ~stopped if stop_id is not None else torch.zeros(len(completions), dtype=torch.bool)
         generate_time = time.perf_counter() - start

@@ -531,7 +531,8 @@ def arithmetic_policy(a, work: Path) -> Path:
         return Path(a.grpo_task)
     from utils import arithmetic
 
-    task = arithmetic.build(work / "arith", a.seed)
+    n_layer, n_embd, n_head = (int(x) for x in a.grpo_shape.split(","))
+    task = arithmetic.build(work / "arith", a.seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
     run_child([sys.executable, str(ROOT / "sft.py"), "--model", task / "init", "--dataset", task / "sft_train.jsonl",
                "--output-dir", task / "sft", "--max-steps", a.sft_steps, "--batch-size", 64, "--learning-rate", "5e-4",
                "--lr-scheduler", "constant", "--eval-fraction", "0", "--save-every", 1000000, "--seed", a.seed,
@@ -637,6 +638,7 @@ def main():
     p.add_argument("--sft-steps", type=int, default=350, help="grpo: sft.py steps that make the starting policy "
                    "(as quickstart.py --pipeline grpo)")
     p.add_argument("--eval-examples", type=int, default=1000, help="grpo: held-out problems for the accuracy")
+    p.add_argument("--grpo-shape", default="2,128,4", help="grpo: the arithmetic policy's n_layer,n_embd,n_head")
     p.add_argument("--grpo-task", default=None, help="grpo: an arithmetic task folder with sft/ (else built)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; off to match ours")
     p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of the TRL venv")

@@ -83,7 +83,10 @@ def test_grpo_step_recomputes_and_changes_nothing(assets):
         assert not policy.training
         results[flag] = (len(calls), stats, {k: v.clone() for k, v in policy.state_dict().items()})
     (plain_calls, plain, plain_w), (ckpt_calls, ckpt, ckpt_w) = results[False], results[True]
-    assert plain_calls == 2 + 4 and ckpt_calls == 2 + 4 * 2  # old log-probs; 2 passes x 2 micro-batches
+    # Old log-probs: 2 micro-batches, each a prompt forward and a completion forward (the prompt read once per group).
+    # Then 2 passes x 2 micro-batches: without checkpointing the same 2 forwards each; with it [prompt, completion]
+    # in one forward (checkpointing drops caches), recomputed once in the backward
+    assert plain_calls == 2 * 2 + 4 * 2 and ckpt_calls == 2 * 2 + 4 * 2
     assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-5) and ckpt["kl"] == pytest.approx(plain["kl"], rel=1e-5)
     for name in plain_w:
         torch.testing.assert_close(ckpt_w[name], plain_w[name], rtol=1e-5, atol=1e-7, msg=name)

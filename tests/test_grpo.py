@@ -108,6 +108,51 @@ def test_on_policy_step_is_the_policy_gradient(assets):
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_each_prompt_read_once_gives_the_same_logits_and_gradients(assets):
+    """lm_forward with the prompt read once per group (its cached keys/values repeated for the group's completions)
+    == [prompt, completion] read as one sequence per completion: logits, and gradients through the cache. Ragged
+    prompts (left padding) and completions (right padding), groups out of order as a shuffled micro-batch has them."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 4000, (n,), generator=g) for n in (4, 1, 6)]
+    completions = [torch.randint(1, 4000, (n,), generator=g) for n in (2, 5, 1, 3, 4, 4, 2)]
+    group = torch.tensor([2, 0, 1, 2, 0, 1, 0])
+    q_ids, q_mask = grpo.left_pad(prompts, 0)
+    c_ids, c_mask = grpo.right_pad(completions, 0)
+    policy = tiny_policy(assets)
+    results = []
+    for share in (True, False):
+        logits = grpo.lm_forward(policy, q_ids, q_mask, c_ids, c_mask, group, share_prompt=share)
+        objective = (grpo.logprobs_of(logits, c_ids) * c_mask).sum()
+        grads = torch.autograd.grad(objective, list(policy.parameters()))
+        results.append((logits, grads))
+    (shared, shared_grads), (whole, whole_grads) = results
+    real = c_mask.bool()
+    torch.testing.assert_close(shared[real], whole[real], rtol=1e-4, atol=1e-5)
+    for a, b in zip(shared_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # and each against the completion read alone after its prompt, without padding
+    for i, (c, p) in enumerate(zip(completions, group.tolist())):
+        alone = policy(torch.cat([prompts[p], c]).unsqueeze(0)).logits[0, len(prompts[p]) - 1 : -1]
+        torch.testing.assert_close(shared[i, : len(c)], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_reads_each_prompt_once_and_samples_the_same(assets):
+    """generate's G completions per prompt from one read of the prompt == sampling the prompt repeated G times (the
+    same random draws under the same seed)."""
+    from transformers import GenerationConfig
+
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 4000, (n,), generator=g) for n in (3, 7, 1, 5)]
+    config = GenerationConfig(max_new_tokens=5, do_sample=True, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
+    policy = tiny_policy(assets)
+    torch.manual_seed(0)
+    once = grpo.generate(policy, prompts, 3, 0, config, torch.device("cpu"))
+    torch.manual_seed(0)
+    repeated = grpo.generate(policy, [p for p in prompts for _ in range(3)], 1, 0, config, torch.device("cpu"))
+    assert once.shape == (12, 5) and torch.equal(once, repeated)
+    assert not all(torch.equal(once[0], once[i]) for i in (1, 2))  # a group's completions are distinct draws
+
+
 def test_filters_leave_completions_out_of_the_loss(assets):
     args = grpo.check_args(grpo.Args(prompts_per_step=2, num_generations=2, learning_rate=1e-3,
                                      mask_truncated_completions=True, skip_zero_std_groups=True))

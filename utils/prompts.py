@@ -125,18 +125,28 @@ def stop_token_id(tokenizer, stop_token: Optional[str]) -> Optional[int]:
 
 
 @torch.no_grad()
-def sample(lm, input_ids, attention_mask, gen_config, device, synced: bool = False):
+def sample(lm, input_ids, attention_mask, gen_config, device, synced: bool = False, num_samples: int = 1):
     """lm.generate with `gen_config` alone: our generation config replaces the model's own for the call
     (transformers would otherwise fill our unset fields from it, e.g. eos_token_id=None, or the beams, minimum
     lengths, n-gram bans and forced first token of hub BART configs: sampling would no longer be the policy).
     synced: every process runs the same number of decoding steps (FSDP: each step gathers weights together).
-    Returns the output ids on the CPU (a causal LM's include the input; an encoder-decoder's the start token)."""
+    num_samples (causal LMs, left-padded inputs): each input is continued that many times, its samples consecutive;
+    the input is read once and its keys/values repeated (the same samples as repeating the input, without its
+    repeated compute). Returns the output ids on the CPU (a causal LM's include the input; an encoder-decoder's the
+    start token)."""
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     saved, base.generation_config = base.generation_config, gen_config
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     try:
         with autocast(device):
-            out = lm.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              synced_gpus=synced)
+            cache = None
+            if num_samples > 1 and input_ids.shape[1] > 1:  # all but the last token: generate starts from it
+                positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+                cache = lm(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                           position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+                cache.batch_repeat_interleave(num_samples)
+            out = lm.generate(input_ids=input_ids.repeat_interleave(num_samples, 0), synced_gpus=synced,
+                              attention_mask=attention_mask.repeat_interleave(num_samples, 0), past_key_values=cache)
     finally:
         base.generation_config = saved
     return out.cpu()
