@@ -27,7 +27,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from utils.distributed import all_gather, distribute, finish, init_distributed, mean_over_processes
 from utils.hub import UserError, check_paths, from_pretrained, go_offline_if_unreachable, quiet_libraries
+from utils.models import check_dtype, weights_dtype
 from utils.rewards import call_reward_fn, load_function
 from utils.runtime import (Tracker, atomic_dir, autocast, check_positive, cli, exact_div, peak_memory_mb,
                            prepare_output_dir)
@@ -74,6 +75,8 @@ class Args:
     """LoRA alpha (alpha = r: scale 1, as the reference's LoRA attention processors)"""
     ema_decay: Optional[float] = None
     """keep an exponential moving average of the trained weights with this decay and save it as the final model"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: trained weights fp32, frozen (VAE, text encoder, LoRA base, reward CLIP) bf16 on CUDA; else one for all"""
     gradient_checkpointing: bool = False
     """recompute the UNet blocks' activations in the backward pass: less memory, ~30% slower"""
 
@@ -164,6 +167,7 @@ def check_args(args: Args, world_size: int = 1) -> Args:
     args.local_samples_per_epoch = args.local_sample_batch_size * args.num_batches_per_epoch
     if not 0 < args.timestep_fraction <= 1:
         raise UserError("--timestep-fraction must be in (0, 1]")
+    check_dtype(args.dtype, args.lora_r)
     if args.stat_min_count > args.stat_buffer_size:
         raise UserError("--stat-min-count > --stat-buffer-size: a prompt's buffer would never be used")
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
@@ -242,12 +246,16 @@ def predict_noise(unet, latents, timesteps, prompt_embeds, negative_embeds, guid
     """ε_θ(x_t, t, c), with classifier-free guidance when guidance_scale != 1: ε(∅) + w (ε(c) - ε(∅))
     (Ho & Salimans 2022, eq. 6, whose w is guidance_scale - 1). Both branches in one batch of 2 x batch.
     latents [batch, C, h, w], timesteps [batch], embeds [batch, tokens, dim] (None: unconditional model),
-    negative_embeds [1, tokens, dim]. Returns fp32 [batch, C, h, w]."""
+    negative_embeds [1, tokens, dim]. Returns fp32 [batch, C, h, w]. The inputs are cast to the UNet's dtype
+    (--dtype; outside autocast, i.e. on the CPU, a bf16 UNet takes no fp32 latents)."""
+    dtype = getattr(unet, "module", unet).dtype  # under DDP: the wrapped UNet's (with LoRA: its base's)
+    latents = latents.to(dtype)
     if prompt_embeds is None:
         return unet(latents, timesteps).sample.float()
+    prompt_embeds = prompt_embeds.to(dtype)
     if guidance_scale == 1.0:
         return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample.float()
-    embeds = torch.cat([negative_embeds.expand_as(prompt_embeds), prompt_embeds])  # [2 x batch, tokens, dim]
+    embeds = torch.cat([negative_embeds.to(dtype).expand_as(prompt_embeds), prompt_embeds])  # [2 x batch, tokens, dim]
     eps = unet(torch.cat([latents] * 2), torch.cat([timesteps] * 2), encoder_hidden_states=embeds).sample.float()
     eps_uncond, eps_cond = eps.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -304,15 +312,16 @@ def jpeg_compressibility(images, prompts):
     return [-jpeg_size_kb(image) for image in images]
 
 
-def aesthetic_scorer(clip_name: str, mlp_name: str, device) -> Callable:
+def aesthetic_scorer(clip_name: str, mlp_name: str, device, dtype: torch.dtype = torch.float32) -> Callable:
     """LAION's aesthetic predictor, as the reference: an MLP on the unit-norm CLIP image embedding, trained to
-    predict human 1-10 ratings. Fails within seconds, in one line, when the weights cannot be loaded."""
+    predict human 1-10 ratings. CLIP's weights in `dtype` (--dtype, frozen), the small MLP in float32. Fails within
+    seconds, in one line, when the weights cannot be loaded."""
     from safetensors.torch import load_file
     from transformers import AutoImageProcessor, CLIPModel
 
     try:
         go_offline_if_unreachable(clip_name)
-        clip = CLIPModel.from_pretrained(clip_name).to(device).eval()
+        clip = CLIPModel.from_pretrained(clip_name, dtype=dtype).to(device).eval()
         processor = AutoImageProcessor.from_pretrained(clip_name)
         mlp_path = mlp_name
         if not Path(mlp_name).is_file():
@@ -334,9 +343,9 @@ def aesthetic_scorer(clip_name: str, mlp_name: str, device) -> Callable:
 
     @torch.no_grad()
     def aesthetic(images, prompts):
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device, clip.dtype)
         # transformers 5: get_image_features returns an output object whose pooler_output is the projection
-        embeds = clip.get_image_features(pixel_values=pixel_values).pooler_output  # [batch, projection_dim]
+        embeds = clip.get_image_features(pixel_values=pixel_values).pooler_output.float()  # [batch, projection_dim]
         return mlp(embeds / embeds.norm(dim=-1, keepdim=True)).squeeze(1).tolist()
 
     return aesthetic
@@ -349,7 +358,8 @@ def load_reward_fn(args: Args, device) -> Callable:
     """A built-in reward, or your own function as `path/to/file.py:function` (or `module:function`), called as
     fn(images: list[PIL.Image.Image], prompts: list[str]) and returning one float per image."""
     if args.reward_fn == "aesthetic":  # built from its own flags: it loads two models
-        return aesthetic_scorer(args.aesthetic_clip, args.aesthetic_mlp, device)
+        return aesthetic_scorer(args.aesthetic_clip, args.aesthetic_mlp, device,
+                                weights_dtype(args.dtype, torch.device(device), trained=False))
     return load_function(args.reward_fn, "--reward-fn", REWARD_FUNCTIONS | {"aesthetic": None})  # named in errors
 
 
@@ -417,7 +427,7 @@ def sample_trajectories(pipe, scheduler, prompt_embeds, negative_embeds, args: A
 def decode(pipe, latents):
     """Latents [n, C, h, w] -> images [n, 3, H, W] in [0, 1]. Models without a VAE sample pixels in [-1, 1]."""
     vae = getattr(pipe, "vae", None)
-    images = latents if vae is None else vae.decode(latents / vae.config.scaling_factor).sample
+    images = latents if vae is None else vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -505,6 +515,23 @@ def save_weights(pipe, path: Path, lora: bool):
         pipe.unet.save_pretrained(path / "unet")
 
 
+def save_pipeline(pipe, scheduler, model: str, path: Path) -> str:
+    """The whole pipeline, with the trained UNet and the DDIM scheduler, in path; returns how to load it. One dtype,
+    the UNet's: under --dtype auto on a GPU the VAE and text encoder ran in bf16 beside a float32 UNet, so `model`'s
+    own copies are saved instead (nothing rounded; a pipeline of mixed dtypes fails in diffusers' own sampling)."""
+    dtype = pipe.unet.dtype
+    pipe.scheduler = scheduler
+    if any(isinstance(part, nn.Module) and part.dtype != dtype for part in pipe.components.values()):
+        from diffusers import DiffusionPipeline
+
+        kept = {k: v for k, v in pipe.components.items() if k in ("unet", "scheduler", "safety_checker")}
+        pipe = from_pretrained(DiffusionPipeline, model, "--model", dtype=dtype, **kept)
+    pipe.save_pretrained(path)
+    # without dtype= diffusers loads the VAE and UNet in float32, transformers the text encoder as saved: a mix
+    load_dtype = "" if dtype == torch.float32 else f", dtype={dtype}"
+    return f"DiffusionPipeline.from_pretrained({str(path)!r}{load_dtype})"
+
+
 def save_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params, epoch):
     """Weights + training state, written to a temporary folder and swapped in (atomic_dir): a crash mid-save
     never leaves a half checkpoint. No RNG state: every epoch seeds its own generators (make_generator), and all
@@ -542,11 +569,15 @@ def load_checkpoint(path: Path, pipe, lora, optimizer, stat_tracker, ema_params)
 def load_pipeline(args: Args, device):
     """The diffusers pipeline with every part frozen but the UNet (or its LoRA adapters), and the DDIM scheduler that
     is the policy, whatever scheduler the checkpoint ships (SD 1.x ships PNDM). Also sets args.num_train_timesteps.
-    Returns (pipe, scheduler, the indices of the stochastic steps)."""
+    --dtype: the UNet loads in the trained weights' dtype (with LoRA: the frozen one, and the adapters train in
+    float32), the VAE and text encoder in the frozen one. Returns (pipe, scheduler, the indices of the stochastic
+    steps)."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
+    dtypes = {"unet": weights_dtype(args.dtype, device, trained=args.lora_r == 0),
+              "default": weights_dtype(args.dtype, device, trained=False)}  # every other part: frozen
     try:
-        pipe = from_pretrained(DiffusionPipeline, args.model, "--model")
+        pipe = from_pretrained(DiffusionPipeline, args.model, "--model", dtype=dtypes)
     except UserError as err:
         raise UserError(f"{err} For DDPO offline: python -m utils.tiny_sd --out tiny/sd; --model tiny/sd") from None
     if getattr(pipe, "safety_checker", None) is not None:
@@ -574,9 +605,11 @@ def load_pipeline(args: Args, device):
         if isinstance(component, nn.Module):
             component.requires_grad_(False)
     if args.lora_r > 0:
+        from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
         pipe.unet.add_adapter(LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=LORA_TARGETS))
+        cast_training_params(pipe.unet, torch.float32)  # peft makes adapters in their base's dtype: train them in fp32
     else:
         pipe.unet.requires_grad_(True)
     if args.gradient_checkpointing:  # diffusers checkpoints whenever gradients are on, in eval mode too
@@ -713,9 +746,7 @@ def main(args: Args):
         save_weights(pipe, out_dir, lora=True)
         how = f"DiffusionPipeline.from_pretrained({args.model!r}).load_lora_weights({str(out_dir)!r})"
     else:
-        pipe.scheduler = scheduler
-        pipe.save_pretrained(out_dir)
-        how = f"DiffusionPipeline.from_pretrained({str(out_dir)!r})"
+        how = save_pipeline(pipe, scheduler, args.model, out_dir)
     tracker.close()
     print(f"done: model in {out_dir} ({how}), metrics in {tracker.path}, sample grids in {out_dir / 'samples'}, "
           f"resumable checkpoint in {ckpt_dir}")

@@ -208,22 +208,27 @@ def test_reward_fn_from_file_and_checks(tmp_path):
         ddpo.load_reward_fn(ddpo.Args(reward_fn=f"{tmp_path}/my_reward.py:nope"), "cpu")
 
 
-def test_aesthetic_reward_with_local_weights(tmp_path):
-    """The aesthetic path with a tiny random CLIP and MLP saved locally (the real ones need the hub)."""
+def tiny_aesthetic_args(folder: Path, **overrides) -> ddpo.Args:
+    """Args of the aesthetic reward with a tiny random CLIP and MLP saved in `folder` (the real ones need the hub)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(0)
     tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     config = CLIPConfig(text_config=tower, vision_config=tower | dict(image_size=32, patch_size=8), projection_dim=8)
-    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPModel(config).save_pretrained(folder / "clip")
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor.save_pretrained(tmp_path / "clip")
+    processor.save_pretrained(folder / "clip")
     dims = [8, 1024, 128, 64, 16, 1]
     layers = [0, 2, 4, 6, 7]  # the Linear layers of the reference's nn.Sequential (Dropouts between)
     torch.save({f"layers.{n}.{k}": v for n, (i, o) in zip(layers, zip(dims, dims[1:]))
-                for k, v in torch.nn.Linear(i, o).state_dict().items()}, tmp_path / "mlp.pth")
-    fn = ddpo.load_reward_fn(ddpo.Args(reward_fn="aesthetic", aesthetic_clip=str(tmp_path / "clip"),
-                                       aesthetic_mlp=str(tmp_path / "mlp.pth")), "cpu")
+                for k, v in torch.nn.Linear(i, o).state_dict().items()}, folder / "mlp.pth")
+    return ddpo.Args(reward_fn="aesthetic", aesthetic_clip=str(folder / "clip"), aesthetic_mlp=str(folder / "mlp.pth"),
+                     **overrides)
+
+
+def test_aesthetic_reward_with_local_weights(tmp_path):
+    """The aesthetic path with a tiny random CLIP and MLP saved locally (the real ones need the hub)."""
+    fn = ddpo.load_reward_fn(tiny_aesthetic_args(tmp_path), "cpu")
     scores = ddpo.call_reward_fn(fn, 2, "test", [Image.new("RGB", (40, 40), (200, 0, 0)), Image.new("RGB", (40, 40))],
                                  ["a", "b"])
     assert scores.shape == (2,) and scores[0] != scores[1]
