@@ -12,7 +12,6 @@ and the loop in `main`. Plumbing (checkpoints, torchrun, reward sources, prompts
     torchrun --nproc_per_node 8 ppo.py --model gpt2 --fsdp ...   # FSDP: policy, reference and Adam state sharded
 """
 
-import copy
 import dataclasses
 import math
 import sys
@@ -36,7 +35,8 @@ from utils.distributed import (all_gather, distribute, distributed, finish, init
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
 from utils.prompts import (build_prompts, check_context, left_pad, render_prompts, right_pad, sample,
                            stop_token_id)
-from utils.models import add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, weights_dtype
+from utils.models import (add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, on_device,
+                          reference_model, weights_dtype)
 from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
 from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
@@ -84,6 +84,10 @@ class Args:
     """auto: trained weights fp32, frozen ones (reference, reward model, LoRA base) bf16 on CUDA; else one for all"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower"""
+    ref_shared_layers: int = 0
+    """reference shares the policy's embeddings + first N blocks: those (and a tied head) then cannot train; 0: off"""
+    ref_offload: bool = False
+    """keep the reference model on the CPU, on the device only for its log-prob forward (and sample table)"""
     dataset: str = "stanfordnlp/imdb"
     """prompts: hub id, a save_to_disk folder or a .jsonl/.json/.csv/.parquet file"""
     dataset_split: str = "train"
@@ -212,6 +216,14 @@ def check_args(args: Args, world_size: int = 1) -> Args:
         raise UserError("--sample-every must be >= 0 (0: no samples)")
     if args.fsdp and world_size == 1:
         raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
+    if args.ref_shared_layers < 0:
+        raise UserError("--ref-shared-layers must be >= 0 (0: the reference is a full frozen copy)")
+    if (args.ref_shared_layers or args.ref_offload) and args.lora_r > 0:
+        raise UserError("--ref-shared-layers/--ref-offload: with --lora-r there is no reference copy to share or "
+                        "offload (the reference is the policy with its adapters disabled)")
+    if (args.ref_shared_layers or args.ref_offload) and args.fsdp:
+        raise UserError("--ref-shared-layers/--ref-offload do not work with --fsdp, which shards the reference over "
+                        "the processes instead")
     if args.top_k != 0 or args.top_p < 1.0:
         print("warning: top-k/top-p sampling makes the policy sample from a truncated distribution; the KL "
               "estimate is then biased (it can go negative). Use --top-k 0 --top-p 1.0 unless you mean it.",
@@ -428,7 +440,8 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
 
     queries, responses: lists of 1-D token-id tensors (any lengths, no padding; each response >= 1 token).
     scores: [batch] float tensor, one scalar reward per episode (before scaling/clipping).
-    ref_lm: the frozen reference LM, or None to use `policy.lm` with its LoRA adapters disabled.
+    ref_lm: the frozen reference LM, or None to use `policy.lm` with its LoRA adapters disabled. Its weights may live
+    on the CPU (--ref-offload): they come to the policy's device for this step's reference forward only.
     policy may be wrapped in DistributedDataParallel or sharded with FSDP (torchrun): each process passes its own
     share of the batch.
     Returns a dict of statistics (averaged over processes). Updates policy, optimizer and kl_ctl in place.
@@ -463,7 +476,7 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     attention_mask = torch.cat([q_mask, response_mask], 1).to(device)
     r_ids, response_mask = r_ids.to(device), response_mask.to(device).float()
     logprobs, ref_logprobs, values, entropy, full_kl = [], [], [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), on_device(ref_lm, device, keep=model.lm):  # an offloaded reference: on the device meanwhile
         for i in range(0, batch_size, args.micro_batch_size):
             s = slice(i, i + args.micro_batch_size)
             with autocast(device):
@@ -599,13 +612,15 @@ def load_inputs(args: Args):
 def make_policy(args: Args, device, resume_from: Optional[Path]):
     """The policy (LM + value head, LoRA adapters if asked), the module that trains it (under torchrun: DDP's wrapper,
     or the policy sharded in place by FSDP; else the policy) and the frozen reference model (None under LoRA: the
-    policy with its adapters disabled is the reference, no second copy in memory)."""
+    policy with its adapters disabled is the reference, no second copy in memory; --ref-shared-layers: a copy that
+    shares the policy's embeddings and first blocks; --ref-offload: its weights on the CPU between its forwards)."""
     torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
                          dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0))
     fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
     frozen = weights_dtype(args.dtype, device, trained=False)  # the reference's dtype (--dtype)
-    ref_lm = None if args.lora_r > 0 else copy.deepcopy(lm).requires_grad_(False).to(device, frozen).eval()
+    ref_lm = None if args.lora_r > 0 else reference_model(lm, args.ref_shared_layers,
+                                                          "cpu" if args.ref_offload else device, frozen)
     lm = add_lora(enable_checkpointing(lm) if args.gradient_checkpointing else lm, args, task_type="CAUSAL_LM")
     policy = PolicyAndValue(lm, lm.config.get_text_config().hidden_size).to(device)
     # Dropout off (disable_dropout): the update's log-probs equal the rollout's at the first step (ratio 1). Eval mode,
@@ -628,8 +643,9 @@ def sample_table(lm, ref_lm, tokenizer, queries, completions, scores, gen_config
             ref_responses = truncate_after_stop(generate(lm, queries, tokenizer.pad_token_id, gen_config, device, fsdp),
                                                 stop_id)[0]
     else:
-        ref_responses = truncate_after_stop(generate(ref_lm, queries, tokenizer.pad_token_id, gen_config, device,
-                                                     fsdp), stop_id)[0]
+        with on_device(ref_lm, device, keep=lm):  # an offloaded reference: on the device for this generation
+            ref_responses = truncate_after_stop(generate(ref_lm, queries, tokenizer.pad_token_id, gen_config, device,
+                                                         fsdp), stop_id)[0]
     prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
     references = tokenizer.batch_decode(ref_responses, skip_special_tokens=True)
     return [{"prompt": p, "response": c, "score": float(s), "reference_response": r}
@@ -655,7 +671,8 @@ def main(args: Args):
     quiet_libraries()
     # Checked before any weights load: paths, the output folder (--resume/--overwrite), then load_inputs
     check_paths(("--model", args.model), ("--reward-model", args.reward_model), ("--dataset", args.dataset))
-    resume_from = prepare_output_dir(args, is_main, length_flags=("total_episodes",), scheduled=args.anneal_lr)
+    resume_from = prepare_output_dir(args, is_main, length_flags=("total_episodes",), scheduled=args.anneal_lr,
+                                     may_change=("ref_offload",))  # where the reference waits changes no number
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     tokenizer, (prompts, conversations), reward_fns, gen_config, stop_id = load_inputs(args)
 

@@ -13,7 +13,6 @@ side made encoder-decoder, as TRL's PPOTrainer with AutoModelForSeq2SeqLMWithVal
     python ppo_seq2seq.py --model tiny/t5 --reward-model tiny/reward --dataset tiny/prompts.jsonl   # offline
 """
 
-import copy
 import dataclasses
 import math
 import sys
@@ -36,7 +35,8 @@ from utils.distributed import (all_gather, distribute, distributed, finish, init
                                unwrap)
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
 from utils.prompts import apply_template, build_prompts, check_context, right_pad, sample, stop_token_id
-from utils.models import add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, weights_dtype
+from utils.models import (add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, on_device,
+                          reference_model, weights_dtype)
 from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
 from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
@@ -83,6 +83,8 @@ class Args:
     """auto: trained weights fp32, frozen ones (reference, reward model, LoRA base) bf16 on CUDA; else one for all"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower"""
+    ref_offload: bool = False
+    """keep the reference model on the CPU, on the device only for its log-prob forward"""
     dataset: str = "stanfordnlp/imdb"
     """prompts: hub id, a save_to_disk folder or a .jsonl/.json/.csv/.parquet file"""
     dataset_split: str = "train"
@@ -212,6 +214,12 @@ def check_args(args: Args, world_size: int = 1) -> Args:
         raise UserError("need 1 <= --response-length-min <= --response-length")
     if args.fsdp and world_size == 1:
         raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
+    if args.ref_offload and args.lora_r > 0:
+        raise UserError("--ref-offload: with --lora-r there is no reference copy to offload (the reference is the "
+                        "policy with its adapters disabled)")
+    if args.ref_offload and args.fsdp:
+        raise UserError("--ref-offload does not work with --fsdp, which shards the reference over the processes "
+                        "instead")
     if args.top_k != 0 or args.top_p < 1.0:
         print("warning: top-k/top-p sampling makes the policy sample from a truncated distribution; the KL "
               "estimate is then biased (it can go negative). Use --top-k 0 --top-p 1.0 unless you mean it.",
@@ -432,7 +440,8 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     queries, responses: lists of 1-D token-id tensors (any lengths, no padding; each response >= 1 token):
     the encoder inputs and the decoder's sampled tokens (without the decoder start token).
     scores: [batch] float tensor, one scalar reward per episode (before scaling/clipping).
-    ref_lm: the frozen reference LM, or None to use `policy.lm` with its LoRA adapters disabled.
+    ref_lm: the frozen reference LM, or None to use `policy.lm` with its LoRA adapters disabled. Its weights may live
+    on the CPU (--ref-offload): they come to the policy's device for this step's reference forward only.
     policy may be wrapped in DistributedDataParallel (torchrun): each process passes its own share of the batch.
     Returns a dict of statistics (averaged over processes). Updates policy, optimizer and kl_ctl in place.
     """
@@ -464,7 +473,7 @@ def ppo_step(args: Args, policy: PolicyAndValue, ref_lm, optimizer, queries, res
     q_ids, q_mask = q_ids.to(device), q_mask.to(device)
     r_ids, response_mask = r_ids.to(device), response_mask.to(device).float()
     logprobs, ref_logprobs, values, entropy, full_kl = [], [], [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), on_device(ref_lm, device, keep=model.lm):  # an offloaded reference: on the device meanwhile
         for i in range(0, batch_size, args.micro_batch_size):
             s = slice(i, i + args.micro_batch_size)
             with autocast(device):
@@ -600,13 +609,14 @@ def load_inputs(args: Args):
 def make_policy(args: Args, device, resume_from: Optional[Path]):
     """The policy (LM + value head, LoRA adapters if asked), the module that trains it (under torchrun: DDP's wrapper,
     or the policy sharded in place by FSDP; else the policy) and the frozen reference model (None under LoRA: the
-    policy with its adapters disabled is the reference, no second copy in memory)."""
+    policy with its adapters disabled is the reference, no second copy in memory; --ref-offload: its weights on the
+    CPU between its forwards)."""
     torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
     lm = from_pretrained(AutoModelForSeq2SeqLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
                          dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0))
     fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
     frozen = weights_dtype(args.dtype, device, trained=False)  # the reference's dtype (--dtype)
-    ref_lm = None if args.lora_r > 0 else copy.deepcopy(lm).requires_grad_(False).to(device, frozen).eval()
+    ref_lm = None if args.lora_r > 0 else reference_model(lm, 0, "cpu" if args.ref_offload else device, frozen)
     lm = add_lora(enable_checkpointing(lm) if args.gradient_checkpointing else lm, args, task_type="SEQ_2_SEQ_LM")
     policy = PolicyAndValue(lm, lm.config.get_text_config().hidden_size).to(device)
     # Dropout off (disable_dropout): the update's log-probs equal the rollout's at the first step (ratio 1). Eval mode,
@@ -627,7 +637,8 @@ def main(args: Args):
     quiet_libraries()
     # Checked before any weights load: paths, the output folder (--resume/--overwrite), then load_inputs
     check_paths(("--model", args.model), ("--reward-model", args.reward_model), ("--dataset", args.dataset))
-    resume_from = prepare_output_dir(args, is_main, length_flags=("total_episodes",), scheduled=args.anneal_lr)
+    resume_from = prepare_output_dir(args, is_main, length_flags=("total_episodes",), scheduled=args.anneal_lr,
+                                     may_change=("ref_offload",))  # where the reference waits changes no number
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     tokenizer, (all_queries, all_prompt_texts), reward_fns, gen_config, stop_id = load_inputs(args)
 

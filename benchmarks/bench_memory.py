@@ -1,9 +1,13 @@
 """Peak memory of one PPO iteration and of SFT steps at GPT-2-small and GPT-2-medium shapes (random weights, our
 4,096-token vocabulary, built offline from configs) under the memory options: float32, --dtype bfloat16, LoRA,
-LoRA over a bfloat16 base, activation checkpointing.
+LoRA over a bfloat16 base, activation checkpointing; and, for PPO only, a reference that shares the policy's
+embeddings and first half or all of its blocks (--ref-shared-layers: those then do not train, so they also need no
+gradients or Adam state) or waits on the CPU (--ref-offload: saves GPU memory only; on a CPU-only run the CPU is the
+device, nothing moves and nothing is saved).
 
     python benchmarks/bench_memory.py --out runs/bench_memory            # CPU: peak RSS of each process
     python benchmarks/bench_memory.py --sizes small --device cuda        # GPU: peak CUDA memory allocated
+    python benchmarks/bench_memory.py --sizes small --variants float32 "ref shared: half the blocks"   # some rows
 
 Each cell is a fresh process running the script as a user would (a small batch: what changes between the rows
 is the weights, gradients, Adam state and activations); the figure is the script's own perf/peak_memory_mb (on CPU
@@ -22,6 +26,10 @@ SIZES = {"small": dict(n_layer=12, n_embd=768, n_head=12), "medium": dict(n_laye
 VARIANTS = {"float32": [], "bfloat16 (--dtype)": ["--dtype", "bfloat16"], "LoRA r=16": ["--lora-r", "16"],
             "LoRA r=16, bfloat16 base": ["--lora-r", "16", "--dtype", "bfloat16"],
             "activation checkpointing": ["--gradient-checkpointing"]}
+# PPO only (sft.py has no reference model): flags of a model shape
+PPO_VARIANTS = {"ref shared: half the blocks": lambda shape: ["--ref-shared-layers", shape["n_layer"] // 2],
+                "ref shared: all the blocks": lambda shape: ["--ref-shared-layers", shape["n_layer"]],
+                "ref offload": lambda shape: ["--ref-offload"]}
 
 
 def build_model(tokenizer_dir: Path, out: Path, shape: dict) -> int:
@@ -59,6 +67,8 @@ def main():
     p.add_argument("--tiny", default="tiny", help="the offline assets (tokenizer, reward model, prompts)")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--variants", nargs="+", default=[*VARIANTS, *PPO_VARIANTS], choices=[*VARIANTS, *PPO_VARIANTS],
+                   help="the rows to measure (default: all)")
     a = p.parse_args()
     out, tiny = Path(a.out).resolve(), Path(a.tiny).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -66,17 +76,19 @@ def main():
     for size in a.sizes:
         model = out / f"gpt2-{size}-shaped"
         n_params = build_model(tiny / "tokenizer", model, SIZES[size])
-        for name, flags in VARIANTS.items():
+        for name in a.variants:
+            flags = VARIANTS[name] if name in VARIANTS else PPO_VARIANTS[name](SIZES[size])
             ppo = peak_mb(["ppo.py", "--model", model, "--reward-model", tiny / "reward", "--dataset",
                            tiny / "prompts.jsonl", "--total-episodes", 8, "--batch-size", 8, "--mini-batch-size", 8,
                            "--response-length", 32, "--stop-token", "none", "--sample-every", 0, "--save-every",
                            10_000, *flags], out / "ppo", a.device)
             sft = peak_mb(["sft.py", "--model", model, "--dataset", tiny / "prompts.jsonl", "--packing",
                            "--max-seq-length", 256, "--batch-size", 4, "--max-steps", 2, "--eval-fraction", 0,
-                           "--save-every", 10_000, *flags], out / "sft", a.device)
-            result[f"{size} | {name}"] = {"params": n_params, "ppo_iteration_peak_mb": ppo, "sft_step_peak_mb": sft}
-            print(f"{size:<6} ({n_params / 1e6:.0f}M) | {name:<26} | PPO iteration {ppo:8.0f} MiB | SFT step "
-                  f"{sft:8.0f} MiB", flush=True)
+                           "--save-every", 10_000, *flags], out / "sft", a.device) if name in VARIANTS else None
+            result[f"{size} | {name}"] = {"params": n_params, "flags": " ".join(map(str, flags)),
+                                          "ppo_iteration_peak_mb": ppo, "sft_step_peak_mb": sft}
+            print(f"{size:<6} ({n_params / 1e6:.0f}M) | {name:<27} | PPO iteration {ppo:8.0f} MiB | SFT step "
+                  + (f"{sft:8.0f} MiB" if sft is not None else "       - (no reference)"), flush=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
 
 

@@ -104,3 +104,83 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
+
+
+def block_list(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The name and the ModuleList of a model's transformer blocks: the one list whose items are all of the model's
+    `_no_split_modules` classes (e.g. `transformer.h` of GPT-2, `model.layers` of Llama). A UserError where there is
+    not exactly one (an encoder-decoder has two)."""
+    from utils.hub import UserError
+
+    block_types = set(getattr(model, "_no_split_modules", None) or [])
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and all(type(block).__name__ in block_types for block in m)]
+    if len(lists) != 1:
+        raise UserError(f"--ref-shared-layers: {type(model).__name__} has {len(lists)} lists of transformer blocks, "
+                        "not one: use --ref-shared-layers 0")
+    return lists[0]
+
+
+def own_weights(module: torch.nn.Module, other: torch.nn.Module) -> list:
+    """The parameters and buffers of `module` that are not also `other`'s (a reference model's own weights, without
+    those it shares with the policy)."""
+    import itertools
+
+    others = {id(t) for t in itertools.chain(other.parameters(), other.buffers())}
+    return [t for t in itertools.chain(module.parameters(), module.buffers()) if id(t) not in others]
+
+
+def reference_model(model: torch.nn.Module, num_shared_layers: int, device, dtype: torch.dtype) -> torch.nn.Module:
+    """PPO's frozen reference: a copy of `model` (taken before training) in eval mode, its weights on `device` in
+    `dtype` (floating-point ones). num_shared_layers N > 0 (TRL's create_reference_model(model, num_shared_layers)):
+    the reference's embeddings (the nn.Embedding modules before the blocks: token and learned positions) and first N
+    transformer blocks are `model`'s own modules, not copies (never copied, so no transient second copy either), and
+    they are frozen in `model` too: they cannot train, so the reference computes what a full frozen copy does. A
+    head tied to the token embedding (GPT-2's) is that embedding, shared and frozen as well, as in TRL. The shared
+    modules keep `model`'s device and dtype; the rest of the reference is a frozen copy at the initial weights. A
+    UserError where N exceeds the number of blocks or the embeddings are not found before them."""
+    import copy
+
+    from utils.hub import UserError
+
+    shared = []
+    if num_shared_layers > 0:
+        name, blocks = block_list(model)
+        if num_shared_layers > len(blocks):
+            raise UserError(f"--ref-shared-layers {num_shared_layers}: the model has {len(blocks)} blocks; use at "
+                            f"most {len(blocks)}")
+        siblings = list(model.get_submodule(name.rpartition(".")[0]).children())  # embeddings, blocks, final norm
+        before = siblings[: next(i for i, m in enumerate(siblings) if m is blocks)]
+        embeddings = [m for m in before if isinstance(m, torch.nn.Embedding)]
+        if not any(m is model.get_input_embeddings() for m in embeddings):
+            raise UserError(f"--ref-shared-layers: {type(model).__name__}'s token embedding is not found before its "
+                            "blocks: use --ref-shared-layers 0")
+        shared = embeddings + list(blocks[:num_shared_layers])
+    # deepcopy takes what its memo holds as already copied: the shared modules (and their weights, which a tied head
+    # also holds) are the copy's own
+    memo = {id(x): x for m in shared for x in [*m.modules(), *m.parameters(), *m.buffers()]}
+    reference = copy.deepcopy(model, memo).requires_grad_(False).eval()  # freezes the shared modules in `model` too
+    for t in own_weights(reference, model):
+        t.data = t.data.to(device, dtype if t.is_floating_point() else None)
+    return reference
+
+
+def on_device(reference, device, keep: torch.nn.Module):
+    """A context in which the reference model's own weights (not those it shares with `keep`, the policy) that live
+    elsewhere (on the CPU under --ref-offload) are on `device`; back where they were after it, so that on a GPU the
+    reference holds no GPU memory outside its forward. A no-op for weights already on `device` and for None."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def moved():
+        tensors = [] if reference is None else [t for t in own_weights(reference, keep) if t.device != device]
+        homes = [t.device for t in tensors]
+        for t in tensors:
+            t.data = t.data.to(device)
+        try:
+            yield reference
+        finally:
+            for t, home in zip(tensors, homes):
+                t.data = t.data.to(home)
+
+    return moved()
