@@ -33,8 +33,8 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import all_gather, distribute, distributed, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.models import (add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, lm_head_weight,
-                          weights_dtype)
+from utils.models import (add_lora, check_dtype, check_quantize, disable_dropout, enable_checkpointing, fuse_gelu,
+                          lm_head_weight, quantization, weights_dtype)
 from utils.prompts import check_context, right_pad
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
@@ -135,8 +135,10 @@ class Args:
     """dropout on the LoRA branch"""
     lora_target_modules: Optional[list[str]] = None
     """modules to adapt (None: peft's choice for the architecture)"""
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+    """LoRA's frozen base in 4-bit NF4 (QLoRA) or 8-bit weights through bitsandbytes (needs --lora-r)"""
     merge_lora: bool = True
-    """save the final model with the adapters merged in (a plain checkpoint); else the adapter only"""
+    """save the final model with the adapters merged in (a plain checkpoint); else (and with --quantize) the adapter"""
 
     # computed at runtime from the above (not flags)
     world_size: tyro.conf.Suppress[int] = 1
@@ -152,6 +154,7 @@ class Args:
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
     check_dtype(args.dtype, args.lora_r)
+    check_quantize(args)
     check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every", "beta",
                    "max_prompt_length", "max_length", "max_eval_examples", "max_steps", "num_epochs")
     if args.eval_every < 0 or args.weight_decay < 0:
@@ -430,7 +433,8 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     FSDP, or the policy) and the frozen reference: a copy of the starting policy, or None when the LoRA policy
     with its adapters disabled serves (or no reference is needed: SimPO, precomputed log-probs)."""
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
-                         dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0))
+                         dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0),
+                         **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False)))
     fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2)
     # a copy is needed without LoRA, unless SimPO (no reference) or the log-probs are precomputed before the first step
     needs_copy = args.loss_type != "simpo" and args.lora_r == 0 and not (args.precompute_ref_logprobs and
@@ -545,7 +549,8 @@ def main(args: Args):
             if is_main:
                 save_checkpoint(ckpt_dir, policy, tokenizer, state, step + 1)
 
-    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0 and args.merge_lora, args.fsdp, is_main)
+    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0 and args.merge_lora and args.quantize == "none",
+                     args.fsdp, is_main)
     if is_main:
         tracker.close()
         print(f"done: policy in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "

@@ -33,7 +33,8 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import all_gather, distribute, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, weights_dtype
+from utils.models import (add_lora, check_dtype, check_quantize, disable_dropout, enable_checkpointing, fuse_gelu,
+                          quantization, weights_dtype)
 from utils.prompts import check_context, left_pad, render_prompts, right_pad, sample, stop_token_id
 from utils.rewards import (REWARD_FUNCTIONS, VERIFIABLE_REWARDS, RewardModel, check_reward_flags, load_reward_fns,
                            total_reward)
@@ -164,6 +165,8 @@ class Args:
     """LoRA dropout (0 keeps rollout and training log-probs identical)"""
     lora_target_modules: Optional[list[str]] = None
     """modules to adapt (default: peft's choice for the architecture)"""
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+    """LoRA's frozen base in 4-bit NF4 (QLoRA) or 8-bit weights through bitsandbytes (needs --lora-r)"""
 
     # computed at runtime from the above (not flags)
     world_size: tyro.conf.Suppress[int] = 1
@@ -179,6 +182,7 @@ class Args:
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes."""
     check_dtype(args.dtype, args.lora_r)
+    check_quantize(args)
     check_positive(args, "num_steps", "prompts_per_step", "num_mini_batches", "gradient_accumulation_steps",
                    "learning_rate", "max_completion_length", "max_prompt_length", "save_every", "eval_every",
                    "num_iterations", "epsilon", "max_eval_examples")
@@ -485,7 +489,8 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     FSDP, or the policy) and the frozen reference: none when --beta is 0 (never loaded: a whole model's memory saved)
     or under LoRA (the policy with its adapters disabled)."""
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
-                         dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0))
+                         dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0),
+                         **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False)))
     fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
     frozen = weights_dtype(args.dtype, device, trained=False)  # the reference's dtype (--dtype)
     needs_copy = args.beta > 0 and args.lora_r == 0
@@ -608,7 +613,7 @@ def main(args: Args):
             if is_main:
                 save_checkpoint(ckpt_dir, policy, tokenizer, state, step + 1)
 
-    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0, args.fsdp, is_main)
+    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0 and args.quantize == "none", args.fsdp, is_main)
     if is_main:
         tracker.close()
         print(f"done: policy in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "

@@ -35,8 +35,8 @@ from utils.distributed import (all_gather, distribute, distributed, finish, init
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
 from utils.prompts import (build_prompts, check_context, left_pad, render_prompts, right_pad, sample,
                            stop_token_id)
-from utils.models import (add_lora, check_dtype, disable_dropout, enable_checkpointing, fuse_gelu, on_device,
-                          reference_model, weights_dtype)
+from utils.models import (add_lora, check_dtype, check_quantize, disable_dropout, enable_checkpointing, fuse_gelu,
+                          on_device, quantization, reference_model, weights_dtype)
 from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
 from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
@@ -176,6 +176,8 @@ class Args:
     """LoRA dropout (0 keeps rollout and training log-probs identical)"""
     lora_target_modules: Optional[list[str]] = None
     """modules to adapt (default: peft's choice for the architecture)"""
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+    """LoRA's frozen base in 4-bit NF4 (QLoRA) or 8-bit weights through bitsandbytes (needs --lora-r)"""
 
     # computed at runtime from the above (not flags)
     world_size: tyro.conf.Suppress[int] = 1
@@ -193,6 +195,7 @@ class Args:
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes."""
     check_dtype(args.dtype, args.lora_r)
+    check_quantize(args)
     check_positive(args, "total_episodes", "batch_size", "mini_batch_size", "gradient_accumulation_steps",
                    "ppo_epochs", "learning_rate", "response_length", "save_every", "kl_horizon", "cliprange",
                    "cliprange_value")
@@ -616,7 +619,8 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     shares the policy's embeddings and first blocks; --ref-offload: its weights on the CPU between its forwards)."""
     torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
-                         dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0))
+                         dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0),
+                         **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False)))
     fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
     frozen = weights_dtype(args.dtype, device, trained=False)  # the reference's dtype (--dtype)
     ref_lm = None if args.lora_r > 0 else reference_model(lm, args.ref_shared_layers,
@@ -756,7 +760,7 @@ def main(args: Args):
                 save_checkpoint(ckpt_dir, policy, tokenizer, state, iteration + 1, kl_coef=kl_ctl.kl_coef,
                                 score_moments=[score_moments.mean, score_moments.var, score_moments.count])
 
-    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0, args.fsdp, is_main)
+    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0 and args.quantize == "none", args.fsdp, is_main)
     if is_main:
         tracker.close()
         print(f"done: policy in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "

@@ -30,7 +30,8 @@ from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed, mean_over_processes
 from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
                        quiet_load_report)
-from utils.models import add_lora, check_dtype, compile_blocks, fuse_gelu, weights_dtype
+from utils.models import (add_lora, check_dtype, check_quantize, compile_blocks, fuse_gelu, quantization,
+                          weights_dtype)
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
 
@@ -122,8 +123,10 @@ class Args:
     """dropout on the LoRA branch"""
     lora_target_modules: Optional[list[str]] = None
     """modules to adapt (None: peft's choice for the architecture)"""
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+    """LoRA's frozen base in 4-bit NF4 (QLoRA) or 8-bit weights through bitsandbytes (needs --lora-r)"""
     merge_lora: bool = True
-    """save the final model with the adapters merged in (a plain checkpoint); else the adapter only"""
+    """save the final model with the adapters merged in (a plain checkpoint); else (and with --quantize) the adapter"""
 
     # computed at runtime from the above (not flags)
     world_size: tyro.conf.Suppress[int] = 1
@@ -139,6 +142,7 @@ class Args:
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
     check_dtype(args.dtype, args.lora_r)
+    check_quantize(args)
     check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every",
                    "max_seq_length", "max_eval_examples")
     if args.eval_every < 0 or args.weight_decay < 0:
@@ -318,7 +322,9 @@ def load_model(args: Args, tokenizer, device, verbose: bool = True, config=None)
         print(f"note: --model has {f'a {config.num_labels}-label head' if classifier else 'no classification head'}; "
               "a fresh 1-output head is initialised and trained (on purpose)")
     with quiet_load_report():
-        model = from_pretrained(AutoModelForSequenceClassification, args.model, "--model", **kwargs)
+        model = from_pretrained(AutoModelForSequenceClassification, args.model, "--model", **kwargs,
+                                **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False),
+                                               keep=("score", "classifier")))  # the fresh head trains in full
     # Decoder classifiers (GPT-2, Llama, ...) read the score at the last token that is not config.pad_token_id;
     # left unset or different from the tokenizer's, the score would be read at a pad token or fail for batches.
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -447,7 +453,7 @@ def main(args: Args):
     if not is_main:
         return None
     # Final model at the top of the output folder: AutoModelForSequenceClassification.from_pretrained loads it
-    final = model.merge_and_unload() if args.lora_r > 0 and args.merge_lora else model
+    final = model.merge_and_unload() if args.lora_r > 0 and args.merge_lora and args.quantize == "none" else model
     final.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     tracker.close()

@@ -33,7 +33,8 @@ from utils.checkpoints import full_state_dicts, load_training_state, load_weight
 from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed
 from utils.hub import UserError, check_paths, from_pretrained, load_dataset, quiet_libraries
-from utils.models import add_lora, check_dtype, compile_blocks, fuse_gelu, lm_head_weight, weights_dtype
+from utils.models import (add_lora, check_dtype, check_quantize, compile_blocks, fuse_gelu, lm_head_weight,
+                          quantization, weights_dtype)
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
 
@@ -141,8 +142,10 @@ class Args:
     """dropout on the LoRA branch"""
     lora_target_modules: Optional[list[str]] = None
     """modules to adapt (None: peft's choice for the architecture)"""
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+    """LoRA's frozen base in 4-bit NF4 (QLoRA) or 8-bit weights through bitsandbytes (needs --lora-r)"""
     merge_lora: bool = True
-    """save the final model with the adapters merged in (a plain checkpoint); else the adapter only"""
+    """save the final model with the adapters merged in (a plain checkpoint); else (and with --quantize) the adapter"""
 
     # computed at runtime from the above (not flags)
     world_size: tyro.conf.Suppress[int] = 1
@@ -158,6 +161,9 @@ class Args:
 def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
     check_dtype(args.dtype, args.lora_r)
+    check_quantize(args)
+    if args.from_scratch and args.quantize != "none":
+        raise UserError("--quantize loads pretrained weights quantized; --from-scratch has none to load")
     check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every",
                    "max_seq_length", "loss_chunk_size", "max_eval_examples")
     if args.eval_every < 0 or args.weight_decay < 0:
@@ -511,7 +517,8 @@ def load_model(args: Args, config, tokenizer, device):
             torch.manual_seed(args.seed)
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
-        model = from_pretrained(AutoModelForCausalLM, args.model, "--model", **kwargs)
+        model = from_pretrained(AutoModelForCausalLM, args.model, "--model", **kwargs,
+                                **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False)))
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --model's embedding only "
                             f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer")
@@ -667,7 +674,8 @@ def main(args: Args):
     # Final model at the top of the output folder: AutoModelForCausalLM.from_pretrained(output_dir) loads it
     weights = full_state_dicts(unwrapped, None, args.fsdp)[0]
     if is_main:
-        final = unwrapped.merge_and_unload() if args.lora_r > 0 and args.merge_lora else unwrapped
+        merge = args.lora_r > 0 and args.merge_lora and args.quantize == "none"  # quantized weights: the adapter alone
+        final = unwrapped.merge_and_unload() if merge else unwrapped
         final.save_pretrained(out_dir, state_dict=weights)
         tokenizer.save_pretrained(out_dir)
         tracker.close()

@@ -24,14 +24,57 @@ def check_dtype(name: str, lora_r: int):
                         "or LoRA (--lora-r; the adapters stay float32 over a float16 base)")
 
 
+def check_quantize(args):
+    """--quantize quantizes the frozen base of a LoRA run; refused without LoRA, under FSDP, without bitsandbytes."""
+    import importlib.util
+
+    from utils.hub import UserError
+
+    if args.quantize == "none":
+        return
+    if args.lora_r <= 0:
+        raise UserError("--quantize needs LoRA (--lora-r > 0): quantized weights do not train, the adapters do")
+    if getattr(args, "fsdp", False):
+        raise UserError("--quantize does not run under --fsdp here: use DDP (torchrun without --fsdp)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--quantize needs bitsandbytes: pip install bitsandbytes")
+
+
+def quantization(name: str, device, compute_dtype: torch.dtype, keep: tuple = ()) -> dict:
+    """from_pretrained's keywords for --quantize (bitsandbytes): '4bit' stores the linear layers' weights in 4-bit
+    NF4 with double quantization and computes in compute_dtype (QLoRA, Dettmers et al. 2023); '8bit' in int8
+    (LLM.int8()). Layers named in keep (a classifier's fresh head) stay unquantized. 'none': {}."""
+    if name == "none":
+        return {}
+    import logging
+
+    from transformers import BitsAndBytesConfig
+
+    # On CPU bitsandbytes logs a missing optional kernel at import and a float16 cast at every 8-bit matmul
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if name == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(keep) or None)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep) or None)
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
 def add_lora(model, args, task_type: str):
     """The model with LoRA adapters (peft) from --lora-r/--lora-alpha/--lora-dropout/--lora-target-modules, or the
     model itself when --lora-r is 0. task_type: CAUSAL_LM, SEQ_2_SEQ_LM or SEQ_CLS (peft then trains and saves a
-    classifier's fresh head in full beside the adapters)."""
+    classifier's fresh head in full beside the adapters). A quantized base (--quantize) is prepared as QLoRA does:
+    its remaining (norm, embedding) weights in float32, everything frozen but the adapters."""
     if args.lora_r <= 0:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_quantized", False):
+        # activation checkpointing is enable_checkpointing's (non-reentrant: no input gradients needed)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():  # bitsandbytes 0.50 on CPUs with AVX512-BF16: a 4-bit layer that runs in
+            if hasattr(module, "support_avx512bf16_for_cpu"):  # eval mode repacks its weights for a kernel without
+                module.support_avx512bf16_for_cpu = False  # a backward, and gradients through it would be lost
     return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                             target_modules=args.lora_target_modules, task_type=task_type))
 
