@@ -379,8 +379,8 @@ def grpo_step(args: Args, policy, ref_lm, optimizer, prompts, completions, rewar
     start = time.perf_counter()
     for _ in range(args.num_iterations):
         # Whole groups in a random order: a micro-batch then reads each of its prompts once (lm_forward)
-        perm = (torch.randperm(len(prompts), generator=generator) * G).repeat_interleave(G) + torch.arange(G).repeat(
-            len(prompts))
+        groups = torch.randperm(len(prompts), generator=generator)
+        perm = (groups.unsqueeze(1) * G + torch.arange(G)).flatten()  # shape: [P * G]
         for mb_start in range(0, n, args.local_mini_batch_size):
             mb_inds = perm[mb_start : mb_start + args.local_mini_batch_size].to(device)
             local_tokens = completion_mask[mb_inds].sum()
