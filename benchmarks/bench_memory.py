@@ -1,9 +1,9 @@
 """Peak memory of one PPO iteration and of SFT steps at GPT-2-small and GPT-2-medium shapes (random weights, our
 4,096-token vocabulary, built offline from configs) under the memory options: float32, --dtype bfloat16, LoRA,
-LoRA over a bfloat16 base, activation checkpointing; and, for PPO only, a reference that shares the policy's
-embeddings and first half or all of its blocks (--ref-shared-layers: those then do not train, so they also need no
-gradients or Adam state) or waits on the CPU (--ref-offload: saves GPU memory only; on a CPU-only run the CPU is the
-device, nothing moves and nothing is saved).
+LoRA over a bfloat16 base, activation checkpointing, LoRA over a 4-bit or 8-bit base (--quantize, bitsandbytes);
+and, for PPO only, a reference that shares the policy's embeddings and first half or all of its blocks
+(--ref-shared-layers: those then do not train, so they also need no gradients or Adam state) or waits on the CPU
+(--ref-offload: saves GPU memory only; on a CPU-only run the CPU is the device, nothing moves and nothing is saved).
 
     python benchmarks/bench_memory.py --out runs/bench_memory            # CPU: peak RSS of each process
     python benchmarks/bench_memory.py --sizes small --device cuda        # GPU: peak CUDA memory allocated
@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"small": dict(n_layer=12, n_embd=768, n_head=12), "medium": dict(n_layer=24, n_embd=1024, n_head=16)}
 VARIANTS = {"float32": [], "bfloat16 (--dtype)": ["--dtype", "bfloat16"], "LoRA r=16": ["--lora-r", "16"],
             "LoRA r=16, bfloat16 base": ["--lora-r", "16", "--dtype", "bfloat16"],
-            "activation checkpointing": ["--gradient-checkpointing"]}
+            "activation checkpointing": ["--gradient-checkpointing"],
+            "LoRA r=16, 4-bit base": ["--lora-r", "16", "--quantize", "4bit"],
+            "LoRA r=16, 8-bit base": ["--lora-r", "16", "--quantize", "8bit"]}
 # PPO only (sft.py has no reference model): flags of a model shape
 PPO_VARIANTS = {"ref shared: half the blocks": lambda shape: ["--ref-shared-layers", shape["n_layer"] // 2],
                 "ref shared: all the blocks": lambda shape: ["--ref-shared-layers", shape["n_layer"]],
