@@ -56,6 +56,8 @@ class Args:
     """replace the run in --output-dir (without it or --resume, a folder holding a run is refused)"""
     save_every: int = 10
     """save a checkpoint every this many iterations (and always at the end)"""
+    sample_every: int = 10
+    """log 4 episodes (prompt, response, score, reference's response) to samples.jsonl and wandb so often (0: never)"""
     track: bool = False
     """log to Weights & Biases (WANDB_MODE=offline works without network)"""
     wandb_project: str = "rlhf-ppo"
@@ -215,6 +217,8 @@ def check_args(args: Args, world_size: int = 1) -> Args:
         raise UserError("--temperature must be > 0 (log-probs are divided by it)")
     if args.response_length_min is not None and not 1 <= args.response_length_min <= args.response_length:
         raise UserError("need 1 <= --response-length-min <= --response-length")
+    if args.sample_every < 0:
+        raise UserError("--sample-every must be >= 0 (0: no samples)")
     if args.fsdp and world_size == 1:
         raise UserError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
     if args.ref_offload and args.lora_r > 0:
@@ -609,6 +613,24 @@ def load_inputs(args: Args):
     return tokenizer, (all_queries, all_prompt_texts), reward_fns, gen_config, stop_id
 
 
+@torch.no_grad()
+def sample_table(lm, ref_lm, tokenizer, queries, completions, scores, gen_config, stop_id, device, fsdp: bool):
+    """Rows {prompt, response, score, reference_response} of a few episodes, the reference's response sampled now for
+    the same prompt (ref_lm, or the LoRA policy with its adapters disabled): what the policy learned to say instead."""
+    if ref_lm is None:
+        with lm.disable_adapter():
+            ref_responses = truncate_after_stop(generate(lm, queries, tokenizer.pad_token_id, gen_config, device, fsdp),
+                                                stop_id)[0]
+    else:
+        with on_device(ref_lm, device, keep=lm):  # an offloaded reference: on the device for this generation
+            ref_responses = truncate_after_stop(generate(ref_lm, queries, tokenizer.pad_token_id, gen_config, device,
+                                                         fsdp), stop_id)[0]
+    prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+    references = tokenizer.batch_decode(ref_responses, skip_special_tokens=True)
+    return [{"prompt": p, "response": c, "score": float(s), "reference_response": r}
+            for p, c, s, r in zip(prompts, completions, scores, references)]
+
+
 def make_policy(args: Args, device, resume_from: Optional[Path]):
     """The policy (LM + value head, LoRA adapters if asked), the module that trains it (under torchrun: DDP's wrapper,
     or the policy sharded in place by FSDP; else the policy) and the frozen reference model (None under LoRA: the
@@ -709,10 +731,14 @@ def main(args: Args):
             "perf/rollout_s": rollout_time, "perf/iteration_s": iteration_time,
             "perf/episodes_per_s": args.batch_size / iteration_time, "perf/peak_memory_mb": peak_memory_mb(device),
         }, device))
+        last = iteration + 1 == args.num_iterations
+        sampling = args.sample_every and ((iteration + 1) % args.sample_every == 0 or last)
+        samples = sample_table(policy.lm, ref_lm, tokenizer, queries[:4], completions[:4], scores[:4], gen_config,
+                               stop_id, device, args.fsdp) if sampling else None  # every process (FSDP); rank 0 logs
         if is_main:
-            tracker.log(stats)
+            tracker.log(stats, samples=samples)
             bar.write(summary(stats))
-        if (iteration + 1) % args.save_every == 0 or iteration + 1 == args.num_iterations:
+        if (iteration + 1) % args.save_every == 0 or last:
             state = full_state_dicts(policy, optimizer, args.fsdp)  # every process: FSDP gathers the shards
             if is_main:
                 save_checkpoint(ckpt_dir, policy, tokenizer, state, iteration + 1, kl_coef=kl_ctl.kl_coef,

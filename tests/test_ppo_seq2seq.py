@@ -25,7 +25,7 @@ from conftest import ROOT, learning_seed, record_learning, run_script, torchrun
 # ppo.py must be copied to ppo_seq2seq.py (and the other way round).
 SHARED = ["logprobs_of", "entropy_of", "masked_mean", "global_masked_mean", "masked_whiten", "kl_per_token",
           "full_kl_of", "shaped_rewards", "gae", "policy_loss", "value_loss", "KLController", "RunningMoments",
-          "truncate_after_stop", "cut_to_drawn_lengths", "summary"]
+          "truncate_after_stop", "cut_to_drawn_lengths", "sample_table", "summary"]
 # Plumbing the two scripts take from utils/: one copy, the same object in both
 PLUMBING = ["exact_div", "build_prompts", "batch_indices", "right_pad", "sample", "full_state_dicts", "save_checkpoint",
             "load_weights", "load_training_state", "save_final_model", "distribute", "RewardModel", "total_reward"]
@@ -63,7 +63,6 @@ def test_shared_helpers_are_identical_to_ppo():
 
 def test_same_flags_defaults_and_metric_names_as_ppo():
     ours, theirs = ({f.name: f for f in dataclasses.fields(m.Args)} for m in (s2s, ppo))
-    theirs.pop("sample_every")  # samples.jsonl: ppo.py only so far
     theirs.pop("ref_shared_layers")  # ppo.py only: an encoder-decoder has two stacks of blocks, not one "first N"
     assert set(ours) - set(theirs) == {"prompt_template"} and set(theirs) <= set(ours)
 
@@ -248,7 +247,7 @@ def test_resume_equals_uninterrupted_run(assets, tmp_path):
 
 def test_lora_uses_disabled_adapters_as_reference(assets, tmp_path):
     args = tiny_args(assets, tmp_path, arch="bart", lora_r=4, learning_rate=1e-2, kl_estimator="full",
-                     stop_token="none", score_scaling="normalize", score_clip=3.0)
+                     stop_token="none", score_scaling="normalize", score_clip=3.0, sample_every=1)
     metrics = read_metrics(s2s.main(args))
     assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA B starts at 0: policy == ref
     assert metrics[1]["objective/kl"] != 0.0  # after one update the adapters moved away from the reference
@@ -256,6 +255,9 @@ def test_lora_uses_disabled_adapters_as_reference(assets, tmp_path):
     merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run")  # merged into plain weights
     assert not any("lora" in k for k in merged.state_dict())
     assert (tmp_path / "run/checkpoint/adapter_config.json").exists()
+    samples = read_metrics(tmp_path / "run/samples.jsonl")  # the reference's responses: the base, adapters off
+    assert [s["iteration"] for s in samples] == [1] * 4 + [2] * 4
+    assert all(isinstance(s[k], str) for s in samples for k in ("prompt", "response", "reference_response"))
 
 
 def test_library_call_matches_the_scripts_update_bit_for_bit(assets, tmp_path, monkeypatch):
