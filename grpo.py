@@ -283,8 +283,10 @@ def lm_forward(lm, prompt_ids, prompt_mask, completion_ids, completion_mask, gro
                  position_ids=torch.cat([prompt_positions[group], positions], 1),
                  logits_to_keep=completion_ids.shape[1] + 1, use_cache=False)
         return out.logits[:, :-1]  # position t predicts token t+1; only these positions reach the LM head
-    prompt_out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
-                    logits_to_keep=1, use_cache=True)  # the prompt's last position predicts the first token
+    # the prompt's last position predicts the first token. Outside DDP's wrapper: one DDP forward per backward (its
+    # contract); the gradients through the cache still reach the weights, whose hooks DDP all-reduces
+    prompt_out = unwrap(lm)(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                            logits_to_keep=1, use_cache=True)
     cache = prompt_out.past_key_values
     cache.reorder_cache(group)  # each completion gets its prompt's keys/values (an index_select: differentiable)
     out = lm(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ppo  # noqa: E402
-from utils.distributed import all_gather, distribute, init_distributed  # noqa: E402
+from utils.distributed import all_gather, distribute, finish, init_distributed  # noqa: E402
 
 
 def fixed_batch():
@@ -80,7 +80,7 @@ if __name__ == "__main__":
                for t in ("dapo", "grpo", "dr_grpo")}
         if rank == 0:
             torch.save(got, out)
-        torch.distributed.destroy_process_group()
+        finish()  # a barrier, then leave the group: nobody exits mid-collective
         sys.exit(0)
     queries, responses, scores, x, mask = fixed_batch()
     half = slice(rank * 4, rank * 4 + 4)
@@ -90,4 +90,4 @@ if __name__ == "__main__":
                                      scores[half])
     if rank == 0:
         torch.save({"whitened": whitened, "weights": weights, "stats": stats, "kl_coef": kl_coef}, out)
-    torch.distributed.destroy_process_group()
+    finish()  # a barrier, then leave the group: nobody exits mid-collective
