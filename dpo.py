@@ -434,7 +434,7 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     with its adapters disabled serves (or no reference is needed: SimPO, precomputed log-probs)."""
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
                          dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0),
-                         **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False)))
+                         **quantization(args, device))
     fuse_gelu(lm)  # speed only: the same function as the model's own (GPT-2)
     # a copy is needed without LoRA, unless SimPO (no reference) or the log-probs are precomputed before the first step
     needs_copy = args.loss_type != "simpo" and args.lora_r == 0 and not (args.precompute_ref_logprobs and
@@ -549,8 +549,7 @@ def main(args: Args):
             if is_main:
                 save_checkpoint(ckpt_dir, policy, tokenizer, state, step + 1)
 
-    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0 and args.merge_lora and args.quantize == "none",
-                     args.fsdp, is_main)
+    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0 and args.merge_lora, args.fsdp, is_main)
     if is_main:
         tracker.close()
         print(f"done: policy in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "

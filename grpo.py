@@ -492,7 +492,7 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     or under LoRA (the policy with its adapters disabled)."""
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
                          dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0),
-                         **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False)))
+                         **quantization(args, device))
     fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
     frozen = weights_dtype(args.dtype, device, trained=False)  # the reference's dtype (--dtype)
     needs_copy = args.beta > 0 and args.lora_r == 0
@@ -615,7 +615,7 @@ def main(args: Args):
             if is_main:
                 save_checkpoint(ckpt_dir, policy, tokenizer, state, step + 1)
 
-    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0 and args.quantize == "none", args.fsdp, is_main)
+    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0, args.fsdp, is_main)
     if is_main:
         tracker.close()
         print(f"done: policy in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "

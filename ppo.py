@@ -620,7 +620,7 @@ def make_policy(args: Args, device, resume_from: Optional[Path]):
     torch.manual_seed(args.seed)  # value-head init (DDP also broadcasts rank 0's weights)
     lm = from_pretrained(AutoModelForCausalLM, args.model, "--model", trust_remote_code=args.trust_remote_code,
                          dtype=weights_dtype(args.dtype, device, trained=args.lora_r == 0),
-                         **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False)))
+                         **quantization(args, device))
     fuse_gelu(disable_dropout(lm))  # dropout off for good (see below); the GELU swap is for speed only
     frozen = weights_dtype(args.dtype, device, trained=False)  # the reference's dtype (--dtype)
     ref_lm = None if args.lora_r > 0 else reference_model(lm, args.ref_shared_layers,
@@ -760,7 +760,7 @@ def main(args: Args):
                 save_checkpoint(ckpt_dir, policy, tokenizer, state, iteration + 1, kl_coef=kl_ctl.kl_coef,
                                 score_moments=[score_moments.mean, score_moments.var, score_moments.count])
 
-    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0 and args.quantize == "none", args.fsdp, is_main)
+    save_final_model(out_dir, policy, tokenizer, args.lora_r > 0, args.fsdp, is_main)
     if is_main:
         tracker.close()
         print(f"done: policy in {out_dir} (AutoModelForCausalLM.from_pretrained), metrics in {tracker.path}, "

@@ -322,9 +322,9 @@ def load_model(args: Args, tokenizer, device, verbose: bool = True, config=None)
         print(f"note: --model has {f'a {config.num_labels}-label head' if classifier else 'no classification head'}; "
               "a fresh 1-output head is initialised and trained (on purpose)")
     with quiet_load_report():
+        # (--quantize: the fresh head stays unquantized and trains in full)
         model = from_pretrained(AutoModelForSequenceClassification, args.model, "--model", **kwargs,
-                                **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False),
-                                               keep=("score", "classifier")))  # the fresh head trains in full
+                                **quantization(args, device, keep=("score", "classifier")))
     # Decoder classifiers (GPT-2, Llama, ...) read the score at the last token that is not config.pad_token_id;
     # left unset or different from the tokenizer's, the score would be read at a pad token or fail for batches.
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -518,7 +518,7 @@ def load_model(args: Args, config, tokenizer, device):
             model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
         model = from_pretrained(AutoModelForCausalLM, args.model, "--model", **kwargs,
-                                **quantization(args.quantize, device, weights_dtype(args.dtype, device, trained=False)))
+                                **quantization(args, device))
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             raise UserError(f"the tokenizer has {len(tokenizer)} tokens but --model's embedding only "
                             f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer")

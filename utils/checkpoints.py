@@ -80,11 +80,13 @@ def load_training_state(path: Path, model, optimizer, fsdp: bool) -> dict:
 
 def save_final_model(path: Path, model, tokenizer, merge_lora: bool, fsdp: bool, is_main: bool):
     """The trained model at the top of the output folder, where from_pretrained(path) loads it: LoRA adapters merged
-    into the weights if merge_lora, except under FSDP (merging needs the unsharded weights: the adapter alone is
-    saved). Every process calls it (FSDP gathers the shards to rank 0's CPU memory); rank 0 writes."""
+    into the weights if merge_lora, except under FSDP (merging needs the unsharded weights) and over a quantized base
+    (--quantize: merging would round the weights): there the adapter alone is saved. Every process calls it (FSDP
+    gathers the shards to rank 0's CPU memory); rank 0 writes."""
     weights = full_state_dicts(model, None, fsdp)[0]
     if not is_main:
         return
+    merge_lora = merge_lora and not getattr(model.lm if hasattr(model, "v_head") else model, "is_quantized", False)
     if merge_lora and not fsdp and hasattr(model, "v_head"):
         model.lm = model.lm.merge_and_unload()
     elif merge_lora and not fsdp:

@@ -40,11 +40,11 @@ def check_quantize(args):
         raise UserError("--quantize needs bitsandbytes: pip install bitsandbytes")
 
 
-def quantization(name: str, device, compute_dtype: torch.dtype, keep: tuple = ()) -> dict:
+def quantization(args, device, keep: tuple = ()) -> dict:
     """from_pretrained's keywords for --quantize (bitsandbytes): '4bit' stores the linear layers' weights in 4-bit
-    NF4 with double quantization and computes in compute_dtype (QLoRA, Dettmers et al. 2023); '8bit' in int8
-    (LLM.int8()). Layers named in keep (a classifier's fresh head) stay unquantized. 'none': {}."""
-    if name == "none":
+    NF4 with double quantization and computes in the frozen weights' dtype (--dtype; QLoRA, Dettmers et al. 2023);
+    '8bit' in int8 (LLM.int8()). Layers named in keep (a classifier's fresh head) stay unquantized. 'none': {}."""
+    if args.quantize == "none":
         return {}
     import logging
 
@@ -52,9 +52,10 @@ def quantization(name: str, device, compute_dtype: torch.dtype, keep: tuple = ()
 
     # On CPU bitsandbytes logs a missing optional kernel at import and a float16 cast at every 8-bit matmul
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    if name == "4bit":
+    if args.quantize == "4bit":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(keep) or None)
+                                    bnb_4bit_compute_dtype=weights_dtype(args.dtype, device, trained=False),
+                                    llm_int8_skip_modules=list(keep) or None)
     else:
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep) or None)
     return {"quantization_config": config, "device_map": {"": device}}
