@@ -27,11 +27,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from utils.checkpoints import full_state_dicts, load_training_state, load_weights, save_checkpoint
 from utils.data import batch_indices
-from utils.distributed import distribute, distributed, finish, init_distributed, mean_over_processes
+from utils.distributed import distribute, distributed, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
                        quiet_load_report)
 from utils.models import (add_lora, check_dtype, check_quantize, compile_blocks, fuse_gelu, quantization,
                           weights_dtype)
+from utils.prompts import left_pad, right_pad
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
 
@@ -67,6 +68,8 @@ class Args:
     """auto: trained weights fp32, frozen ones (reference, reward model, LoRA base) bf16 on CUDA; else one for all"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
+    share_prefix: bool = True
+    """decoders: read the tokens both texts of a pair start with (the prompt) once (exact; off under checkpointing)"""
     compile: bool = False
     """torch.compile the transformer blocks (a one-off compilation, then faster steps on GPU; needs a C++ compiler)"""
 
@@ -205,26 +208,62 @@ def tokenize_pairs(dataset, tokenizer, max_len: int):
     return [p for p in pairs if p[0] != p[1]], len(too_long), n_identical, same
 
 
-def right_pad(sequences, pad_id: int, device):
-    """List of token-id lists -> right-padded input_ids and attention_mask [batch, max_len]."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        input_ids[i, : len(s)], attention_mask[i, : len(s)] = torch.tensor(s), 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 # Rewards, loss and accuracy (tested against hand-computed values in tests/test_reward.py) -----------------------------
-def pair_rewards(model, pairs, pad_id: int, device):
-    """Score the chosen and the rejected texts of `pairs` in one forward. The classifier reads its score at the
+def tensors(sequences) -> list[torch.Tensor]:
+    """Token-id lists -> 1-D LongTensors (what left_pad and right_pad take)."""
+    return [torch.tensor(s, dtype=torch.long) for s in sequences]
+
+
+def causal(model) -> bool:
+    """Every attention layer is causal (GPT-2, Llama, ...: a token's state depends on the tokens before it only)."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
+
+
+def shared_prefix_length(chosen: list[int], rejected: list[int], pad_id: int) -> int:
+    """Tokens both texts start with, short of each one's scored token (its last token that is not pad_id)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    scored = [max((i for i, t in enumerate(x) if t != pad_id), default=0) for x in (chosen, rejected)]
+    return min(n, *scored)
+
+
+def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False):
+    """Score the chosen and the rejected texts of `pairs` in one batch. The classifier reads its score at the
     last token that is not config.pad_token_id (decoders) or at [CLS] (encoders), as ppo.py will.
-    Returns chosen_rewards, rejected_rewards [pairs] and margins [pairs]."""
-    input_ids, attention_mask = right_pad([p[0] for p in pairs] + [p[1] for p in pairs], pad_id, device)
-    with autocast(device):
-        rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()  # shape: [2 * pairs]
+
+    share_prefix (causal models only): the tokens a pair's two texts start with (its prompt) are read once, and
+    both continuations attend to their cached keys/values: the same scores as reading the two whole texts (the
+    gradients reach the prefix through the cache) for less compute, used when the padded shapes say it is less.
+    In training the prefix then draws one dropout mask for both texts. Returns chosen_rewards, rejected_rewards
+    [pairs] and margins [pairs]."""
+    chosen, rejected = [p[0] for p in pairs], [p[1] for p in pairs]
     margins = torch.tensor([p[2] for p in pairs], device=device)
-    return rewards[: len(pairs)], rewards[len(pairs) :], margins
+    shared = [shared_prefix_length(c, r, pad_id) if share_prefix else 0 for c, r in zip(chosen, rejected)]
+    width = max(map(len, chosen + rejected))
+    suffix_width = max(len(x) - n for c, r, n in zip(chosen, rejected, shared) for x in (c, r))
+    if min(shared) == 0 or max(shared) + 2 * suffix_width >= 2 * width:  # tokens per pair, padding included
+        input_ids, attention_mask = (t.to(device) for t in right_pad(tensors(chosen + rejected), pad_id))
+        with autocast(device):
+            rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        return rewards[: len(pairs)], rewards[len(pairs) :], margins
+    # the prefixes, left-padded, and after each its two continuations, right-padded: rows chosen 0, rejected 0, ...
+    prefix_ids, prefix_mask = (t.to(device) for t in left_pad(tensors(c[:n] for c, n in zip(chosen, shared)), pad_id))
+    suffixes = [x[n:] for c, r, n in zip(chosen, rejected, shared) for x in (c, r)]
+    suffix_ids, suffix_mask = (t.to(device) for t in right_pad(tensors(suffixes), pad_id))
+    pair = torch.arange(len(pairs), device=device).repeat_interleave(2)  # the prefix of each continuation
+    prefix_positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)  # position ids from the masks: padding shifts none
+    positions = prefix_mask.sum(1)[pair].unsqueeze(1) + torch.arange(suffix_ids.shape[1], device=device)
+    with autocast(device):
+        # Outside DDP's wrapper: one DDP forward per backward (its contract); the gradients through the cache
+        # still reach the weights, whose hooks DDP all-reduces
+        cache = unwrap(model)(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions,
+                              use_cache=True).past_key_values
+        cache.reorder_cache(pair)  # each continuation gets its prefix's keys/values (index_select: differentiable)
+        rewards = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[pair], suffix_mask], 1),
+                        position_ids=positions, past_key_values=cache, use_cache=True).logits[:, 0].float()
+    return rewards[0::2], rewards[1::2], margins
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None):
@@ -251,7 +290,8 @@ def pairwise_accuracy(chosen_rewards, rejected_rewards):
 
 
 @torch.no_grad()
-def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device, rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device, rank: int = 0, world_size: int = 1,
+             share_prefix: bool = False) -> dict:
     """Loss, pairwise accuracy, mean reward gap and mean reward over held-out pairs (dropout off). Each process
     scores its share pairs[rank::world_size] and the per-pair sums are added over processes, so every process
     gets the single-process result on all the pairs."""
@@ -260,7 +300,8 @@ def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device, rank: int
     # sums over pairs of: loss, accuracy, reward gap, mean reward of the pair (chosen + rejected) / 2
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for i in range(0, len(local_pairs), micro_batch_size):
-        chosen, rejected, margins = pair_rewards(model, local_pairs[i : i + micro_batch_size], pad_id, device)
+        chosen, rejected, margins = pair_rewards(model, local_pairs[i : i + micro_batch_size], pad_id, device,
+                                                   share_prefix)
         n = len(chosen)
         sums += torch.stack([bradley_terry_loss(chosen, rejected, margins) * n, pairwise_accuracy(chosen, rejected) * n,
                              (chosen - rejected).sum(), (chosen + rejected).sum() / 2]).double()
@@ -391,8 +432,12 @@ def main(args: Args):
               f"outputs in {out_dir}")
 
     pad_id, n_micro = tokenizer.pad_token_id, args.gradient_accumulation_steps
+    # a pair's common start is read once where attention is causal (an encoder's tokens also read what follows)
+    # and caches survive (activation checkpointing drops them)
+    share_prefix = args.share_prefix and causal(model) and not args.gradient_checkpointing
     if start_step == 0 and eval_pairs:
-        stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size)
+        stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size,
+                         share_prefix)
         if is_main:
             tracker.log({"step": 0, **stats})
     bar = tqdm(range(start_step, args.num_steps), desc="reward", initial=start_step,
@@ -412,7 +457,8 @@ def main(args: Args):
             last = j + args.micro_batch_size == args.local_batch_size
             # DDP all-reduces the gradients once per step, in the last micro-batch's backward
             with ddp_model.no_sync() if world_size > 1 and not last else nullcontext():
-                chosen_rewards, rejected_rewards, margins = pair_rewards(ddp_model, micro_pairs, pad_id, device)
+                chosen_rewards, rejected_rewards, margins = pair_rewards(ddp_model, micro_pairs, pad_id, device,
+                                                                         share_prefix)
                 loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins)
                 if args.center_rewards_coefficient:
                     center = center_rewards_loss(chosen_rewards, rejected_rewards)
@@ -437,7 +483,8 @@ def main(args: Args):
             "perf/peak_memory_mb": peak_memory_mb(device),  # per process
         }, device)
         if eval_pairs and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.num_steps):
-            stats.update(evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size))
+            stats.update(evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size,
+                                  share_prefix))
         if not is_main:
             continue
         bar.set_postfix(loss=f"{stats['losses/loss']:.3f}", acc=f"{stats['objective/accuracy']:.2f}")

@@ -450,6 +450,12 @@ def compare_supervised(a, work: Path, task: str):
         pos = short_texts(tok, [r["text"] for r in pool if r["label"] == 1], cut, a.examples)
         neg = short_texts(tok, [r["text"] for r in pool if r["label"] == 0], cut, a.examples)
         records = [{"chosen": c, "rejected": r} for c, r in zip(pos, neg)]
+        if task == "reward" and a.prompt_tokens:  # both texts after one shared prompt (another review's start)
+            cut = a.max_seq_length - 4 - a.prompt_tokens
+            pos = short_texts(tok, [r["text"] for r in pool if r["label"] == 1], cut, a.examples)
+            neg = short_texts(tok, [r["text"] for r in pool if r["label"] == 0], cut, a.examples)
+            prompts = short_texts(tok, [r["text"] for r in rows_in[4 * a.examples :]], a.prompt_tokens, a.examples)
+            records = [{"prompt": p, "chosen": " " + c, "rejected": " " + r} for p, c, r in zip(prompts, pos, neg)]
         if task == "dpo":  # a short prompt (masked from the loss on both sides); the reviews are the completions
             records = [{"prompt": "Review:", "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
                        for r in records]
@@ -457,6 +463,10 @@ def compare_supervised(a, work: Path, task: str):
     mean_len = statistics.mean(lengths)
     if task == "dpo":  # the prompt is not a text of its own
         lengths = [len(tok(rec[k], add_special_tokens=False)["input_ids"]) for rec in records
+                   for k in ("chosen", "rejected")]
+        mean_len = statistics.mean(lengths)
+    if task == "reward" and a.prompt_tokens:  # a reward model reads prompt + response as one text
+        lengths = [len(tok(rec["prompt"] + rec[k], add_special_tokens=False)["input_ids"]) for rec in records
                    for k in ("chosen", "rejected")]
         mean_len = statistics.mean(lengths)
     print(f"{len(records)} {'texts' if task == 'sft' else 'pairs'}; tokens per text: mean {mean_len:.1f}, "
@@ -632,6 +642,8 @@ def main():
     p.add_argument("--steps", type=int, default=6, help="sft/reward: optimizer steps per run (the first: warm-up)")
     p.add_argument("--examples", type=int, default=1024, help="sft/reward: texts (pairs) in the data file")
     p.add_argument("--max-seq-length", type=int, default=128, help="sft/reward: tokens per text")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="reward: the first this many tokens of each pair's "
+                   "texts are a prompt both share (0: two unrelated reviews)")
     p.add_argument("--prompts-per-step", type=int, default=32, help="grpo: prompts per generation batch")
     p.add_argument("--num-generations", type=int, default=8, help="grpo: completions per prompt (G)")
     p.add_argument("--max-completion-length", type=int, default=6, help="grpo: tokens per completion at most")

@@ -209,7 +209,8 @@ def run_reward(cfg):
     model = AutoModelForSequenceClassification.from_pretrained(cfg["policy"], num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
     pairs = [json.loads(line) for line in open(cfg["dataset"])][: cfg["max_examples"]]
-    dataset = Dataset.from_dict({k: [p[k] for p in pairs] for k in ("chosen", "rejected")})
+    # an explicit prompt: TRL prepends it to both texts, as reward.py does
+    dataset = Dataset.from_dict({k: [p[k] for p in pairs] for k in ("prompt", "chosen", "rejected") if k in pairs[0]})
     config = RewardConfig(
         output_dir=cfg["output_dir"], report_to="none", seed=cfg["seed"], bf16=False, fp16=False,
         gradient_checkpointing=False, per_device_train_batch_size=cfg["batch_size"],

@@ -136,6 +136,74 @@ def test_score_is_read_at_the_last_real_token_when_pad_is_eos(assets, tmp_path):
     assert batched[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
+def test_shared_prefix_length_stops_before_either_scored_token():
+    pad = 0
+    assert reward.shared_prefix_length([5, 6, 7, 8], [5, 6, 9], pad) == 2  # where they part
+    assert reward.shared_prefix_length([5, 6, 7], [5, 6, 7, 8, 9], pad) == 2  # a prefix of the other: its last token
+    assert reward.shared_prefix_length([5, 6, 7, 0, 0], [5, 6, 7, 0, 0, 4], pad) == 2  # trailing pads are not scored
+    assert reward.shared_prefix_length([1, 2], [3, 2], pad) == 0
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_shared_prefix_scores_and_gradients_match_whole_texts(assets, lora_r):
+    """Reading a pair's common start once (the cache shared by both continuations) gives the scores and the
+    gradients of reading the two whole texts: a GPT-2 classifier in eval mode (dropout off), padded batches with
+    prompts of different lengths, texts ending in EOS (= pad), one text a prefix of the other, with and without
+    LoRA. The shared path must be the one taken (a forward with a cache), else this would compare a path with
+    itself."""
+    tok = AutoTokenizer.from_pretrained(assets / "policy")
+    tok.pad_token = tok.eos_token
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = reward.load_model(reward.Args(model=str(assets / "policy"), lora_r=lora_r), tok, CPU).eval()
+    assert reward.causal(model)
+    eos = tok.eos_token
+    texts = [("Review: this film was great fun, I loved it", "Review: this film was dull."),
+             ("Review: ok", "Review: terrible, awful and a waste of time" + eos),
+             ("Q: what is two plus two? A: four", "Q: what is two plus two? A: four, or five" + eos + eos)]
+    pairs = [(tok(c)["input_ids"], tok(r)["input_ids"], 0.0) for c, r in texts]
+    # the third: chosen is a prefix of rejected, so only its scored token is read after the shared 10
+    assert [reward.shared_prefix_length(c, r, tok.pad_token_id) for c, r, _ in pairs] == [7, 4, 10]
+    cached = []
+    model.register_forward_pre_hook(lambda m, a, kw: cached.append(kw.get("past_key_values") is not None),
+                                    with_kwargs=True)
+    results = {}
+    for share in (False, True):
+        model.zero_grad()
+        chosen, rejected, _ = reward.pair_rewards(model, pairs, tok.pad_token_id, CPU, share_prefix=share)
+        (0.7 * chosen.sum() - 1.3 * rejected.sum()).backward()  # any weights: chosen and rejected both checked
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[share] = (chosen.detach(), rejected.detach(), grads)
+    assert cached == [False, False, True]  # whole texts; then the prefixes, and the continuations with their cache
+    for whole, shared in zip(results[False], results[True]):
+        assert shared.shape == whole.shape and whole.abs().max() > 1e-3
+        torch.testing.assert_close(shared, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_encoders_and_pairs_without_a_common_start_read_whole_texts(assets):
+    """An encoder's tokens also read the tokens after them: no prefix can be read alone. Pairs that share no
+    token, or whose padded shapes would not shrink, are read whole too."""
+    tok = AutoTokenizer.from_pretrained(assets / "policy")
+    tok.pad_token = tok.eos_token
+    gpt2 = reward.load_model(reward.Args(model=str(assets / "policy")), tok, CPU).eval()
+    encoder = reward.load_model(reward.Args(model=str(assets / "reward")), tok, CPU, verbose=False)
+    assert reward.causal(gpt2) and not reward.causal(encoder)
+    cached = []
+    gpt2.register_forward_pre_hook(lambda m, a, kw: cached.append(kw.get("past_key_values") is not None),
+                                   with_kwargs=True)
+    unshared = [(tok("Great film.")["input_ids"], tok("Bad film.")["input_ids"], 0.0),
+                (tok("Q: yes")["input_ids"], tok("Q: no")["input_ids"], 0.0)]  # one pair shares nothing
+    # a long common start in one pair, one token in a longer pair: max prefix + 2 x max continuation > 2 x max text
+    question = "Q: what is two plus two? A:"
+    uneven = [(tok(question + " four")["input_ids"], tok(question + " five")["input_ids"], 0.0),
+              (tok("A good, long and moving film with a fine cast")["input_ids"],
+               tok("A bad one, slow and dull from start to end")["input_ids"], 0.0)]
+    with torch.no_grad():
+        for pairs in (unshared, uneven):
+            reward.pair_rewards(gpt2, pairs, tok.pad_token_id, CPU, share_prefix=True)
+    assert cached == [False, False]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------------------
@@ -223,7 +291,9 @@ def ddp_runs(assets, pairs_file, tmp_path_factory):
     constant learning rate in one process ("one"); the same in 2 processes for 4 steps, then resumed in one
     process for 2 more ("two"). Micro-batches of 2 pairs in both, so each micro-batch holds the same pairs, padded
     alike: the forward passes are the same, only the order of the gradient sums differs (DDP's all-reduce vs
-    accumulation). Returns (torchrun's CompletedProcess, the two output folders)."""
+    accumulation). Texts are cut on the right, so each pair keeps its shared prompt, "Review: ", and is read through
+    the prompt's cache: under DDP the prompt's forward runs outside the wrapper. Returns (torchrun's
+    CompletedProcess, the two output folders)."""
     tmp = tmp_path_factory.mktemp("ddp")
     model = shutil.copytree(assets / "policy", tmp / "gpt2-no-dropout")
     config = json.loads((model / "config.json").read_text())
@@ -231,7 +301,14 @@ def ddp_runs(assets, pairs_file, tmp_path_factory):
     (model / "config.json").write_text(json.dumps(config))
     common = dict(model=str(model), dataset=str(pairs_file), batch_size=8, max_seq_length=64, learning_rate=3e-3,
                   lr_scheduler="constant", eval_fraction=0.2, eval_every=2, save_every=2, seed=3,
-                  center_rewards_coefficient=0.01)
+                  center_rewards_coefficient=0.01, truncation_side="right")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.pad_token, tok.truncation_side = tok.eos_token, "right"
+    train, _ = reward.load_pairs(reward.Args(**common), tok, 64, verbose=False)
+    # every pair shares its 4 prompt tokens (a few more where the reviews start alike), so every micro-batch of
+    # longest text W reads <= max shared + 2 x (W - 4) < 2 x W token positions through the cache: the shared path
+    shared = [reward.shared_prefix_length(c, r, tok.pad_token_id) for c, r, _ in train]
+    assert 4 <= min(shared) <= max(shared) < 8
     reward.main(reward.Args(**common, output_dir=str(tmp / "one"), max_steps=6, gradient_accumulation_steps=4))
     flags = [x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", v)]
     proc = torchrun(ROOT / "reward.py", *flags, "--output-dir", tmp / "two", "--max-steps", 4,
@@ -272,7 +349,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ddp_runs):
     assert proc.stderr.count("training texts were longer") == 1
     single, multi = read_metrics(one)[:5], read_metrics(two)[:5]  # steps 0-4 came from the 2-process run
     assert [m["step"] for m in multi] == [0, 1, 2, 3, 4]
-    assert single[-1]["losses/loss"] < single[1]["losses/loss"] - 0.02  # it learns: the curve is worth comparing
+    # the curve is worth comparing: the loss moves over the compared steps, and the run learns (by its step 6)
+    losses = [m["losses/loss"] for m in read_metrics(one)[1:]]
+    assert max(losses[:4]) - min(losses[:4]) > 0.02 and losses[-1] < losses[0] - 0.1
     for a, b in zip(single, multi):
         assert set(a) == set(b)
         assert_close(a, b)
