@@ -9,7 +9,7 @@ import shutil
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import reward
 import utils.rewards
@@ -144,18 +144,26 @@ def test_shared_prefix_length_stops_before_either_scored_token():
     assert reward.shared_prefix_length([1, 2], [3, 2], pad) == 0
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_shared_prefix_scores_and_gradients_match_whole_texts(assets, lora_r):
+@pytest.mark.parametrize("arch, lora_r", [("gpt2", 0), ("gpt2", 4), ("llama", 0)])
+def test_shared_prefix_scores_and_gradients_match_whole_texts(assets, tmp_path, arch, lora_r):
     """Reading a pair's common start once (the cache shared by both continuations) gives the scores and the
-    gradients of reading the two whole texts: a GPT-2 classifier in eval mode (dropout off), padded batches with
-    prompts of different lengths, texts ending in EOS (= pad), one text a prefix of the other, with and without
-    LoRA. The shared path must be the one taken (a forward with a cache), else this would compare a path with
-    itself."""
+    gradients of reading the two whole texts: a GPT-2 classifier (learned positions) with and without LoRA and a
+    random Llama (rotary positions, grouped-query attention), in eval mode (dropout off), padded batches with
+    prompts of different lengths, texts ending in EOS (= pad), one text a prefix of the other. The shared path
+    must be the one taken (a forward with a cache), else this would compare a path with itself."""
     tok = AutoTokenizer.from_pretrained(assets / "policy")
     tok.pad_token = tok.eos_token
+    path = assets / "policy"
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+        path = tmp_path / "llama"
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            LlamaForCausalLM(config).save_pretrained(path)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = reward.load_model(reward.Args(model=str(assets / "policy"), lora_r=lora_r), tok, CPU).eval()
+        model = reward.load_model(reward.Args(model=str(path), lora_r=lora_r), tok, CPU).eval()
     assert reward.causal(model)
     eos = tok.eos_token
     texts = [("Review: this film was great fun, I loved it", "Review: this film was dull."),
