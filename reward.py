@@ -184,9 +184,18 @@ def pair_texts(example: dict, tokenizer) -> tuple[str, str]:
     return (prompt or "") + chosen, (prompt or "") + rejected
 
 
+def leading_special_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before a text (BOS, [CLS]): left truncation keeps them."""
+    bare, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    return next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
+
+
 def tokenize_pairs(dataset, tokenizer, max_len: int):
     """Tokenize every pair into (chosen_ids, rejected_ids, margin). Pairs whose two texts are the same, or become
     the same once truncated to max_len tokens, say nothing about preference: they are dropped and counted.
+    Texts longer than max_len are cut on tokenizer.truncation_side. On the left, where a pair's two texts start
+    alike (a prompt) the same tokens are cut from both, so both responses are judged after the same context (and
+    pair_rewards can read it once); a pair that parts sooner has each text cut alone.
     Returns (pairs, n_truncated_texts, n_identical, n_identical_after_truncation)."""
     texts = [pair_texts(ex, tokenizer) for ex in dataset.to_list()]  # to_list: 10x faster than iterating
     margins = [float(m) for m in dataset["margin"]] if "margin" in dataset.column_names else [0.0] * len(texts)
@@ -195,13 +204,21 @@ def tokenize_pairs(dataset, tokenizer, max_len: int):
     flat = [t for c, r, _ in kept for t in (c, r)]
     if not flat:
         return [], 0, n_identical, 0
-    # max_len + 1 tokens show that a text is too long; those are tokenized again with the tokenizer's own
-    # truncation, which keeps its special tokens (e.g. BERT's [CLS] ... [SEP])
-    ids = tokenizer(flat, truncation=True, max_length=max_len + 1)["input_ids"]
+    ids = tokenizer(flat, verbose=False)["input_ids"]  # whole texts: chosen 0, rejected 0, chosen 1, ...
     too_long = [i for i, x in enumerate(ids) if len(x) > max_len]
-    if too_long:
-        cut = tokenizer([flat[i] for i in too_long], truncation=True, max_length=max_len)["input_ids"]
-        for i, x in zip(too_long, cut):
+    if tokenizer.truncation_side == "left":
+        lead = leading_special_tokens(tokenizer)
+        for k in sorted({i // 2 for i in too_long}):
+            c, r = ids[2 * k], ids[2 * k + 1]
+            cut = max(len(c), len(r)) - max_len  # tokens the longer text must lose, after its leading specials
+            if min(len(c), len(r)) > lead + cut and c[: lead + cut] == r[: lead + cut]:
+                ids[2 * k], ids[2 * k + 1] = c[:lead] + c[lead + cut :], r[:lead] + r[lead + cut :]
+    # the rest are tokenized again with the tokenizer's own truncation, which keeps its special tokens (e.g. BERT's
+    # [CLS] ... [SEP])
+    alone = [i for i in too_long if len(ids[i]) > max_len]
+    if alone:
+        cut = tokenizer([flat[i] for i in alone], truncation=True, max_length=max_len)["input_ids"]
+        for i, x in zip(alone, cut):
             ids[i] = x
     pairs = [(ids[2 * k], ids[2 * k + 1], m) for k, (_, _, m) in enumerate(kept)]
     same = sum(c == r for c, r, _ in pairs)

@@ -111,6 +111,31 @@ def test_tokenize_pairs_prompt_margin_truncation_and_identical_pairs(assets):
     assert tok.decode(pairs[1][0]).startswith("[CLS]")
 
 
+@pytest.mark.parametrize("model, lead", [("policy", 0), ("reward", 1)])  # GPT-2's BPE; BERT's [CLS] ... [SEP]
+def test_left_truncation_cuts_the_same_prompt_tokens_from_both_texts(assets, model, lead):
+    """Cut on the left, a pair's two texts lose the same tokens where they start alike: both responses keep the same
+    context (and a common start). Leading special tokens stay. A pair that parts before the cut: each text alone."""
+    tok = AutoTokenizer.from_pretrained(assets / model)
+    tok.truncation_side = "left"
+    prompt = "Q: " + "a long question about films, " * 5 + "A:"
+    chosen, rejected = " yes, a good one", " no, it was a very bad and boring film"
+    ds = datasets.Dataset.from_list([{"prompt": prompt, "chosen": chosen, "rejected": rejected},
+                                     {"chosen": "one two three " * 10, "rejected": "four " * 40}])
+    pairs, n_truncated, _, _ = reward.tokenize_pairs(ds, tok, max_len=30)
+    assert reward.leading_special_tokens(tok) == lead
+    whole_c, whole_r = (tok(prompt + x)["input_ids"] for x in (chosen, rejected))
+    cut = len(whole_r) - 30  # the longer text's excess
+    shared = reward.shared_prefix_length(whole_c, whole_r, tok.pad_token_id)
+    assert 30 < len(whole_c) < len(whole_r) and 0 < cut < shared - lead  # the cut stays inside the prompt
+    c, r, _ = pairs[0]
+    assert (len(c), len(r)) == (len(whole_c) - cut, 30)
+    assert c == whole_c[:lead] + whole_c[lead + cut :] and r == whole_r[:lead] + whole_r[lead + cut :]
+    # the second pair shares nothing: each text is cut alone by the tokenizer, which keeps its special tokens
+    alone = tuple(tok(ds[1][k], truncation=True, max_length=30)["input_ids"] for k in ("chosen", "rejected"))
+    assert pairs[1][:2] == alone
+    assert n_truncated == 4  # every text is too long: the first pair's chosen loses as many tokens as its rejected
+
+
 def test_conversational_pairs_use_the_chat_template(assets):
     tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
     example = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}],
