@@ -187,7 +187,7 @@ def pair_texts(example: dict, tokenizer) -> tuple[str, str]:
 def leading_special_tokens(tokenizer) -> int:
     """How many special tokens the tokenizer puts before a text (BOS, [CLS]): left truncation keeps them."""
     bare, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
-    return next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
+    return next((i for i in range(len(full)) if full[i : i + len(bare)] == bare), 0)
 
 
 def tokenize_pairs(dataset, tokenizer, max_len: int):
