@@ -242,7 +242,7 @@ def shared_prefix_length(chosen: list[int], rejected: list[int], pad_id: int) ->
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    scored = [max((i for i, t in enumerate(x) if t != pad_id), default=0) for x in (chosen, rejected)]
+    scored = [next((i for i in reversed(range(len(x))) if x[i] != pad_id), 0) for x in (chosen, rejected)]
     return min(n, *scored)
 
 
