@@ -36,7 +36,7 @@ from utils.distributed import (all_gather, distribute, distributed, finish, init
 from utils.hub import UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries
 from utils.prompts import apply_template, build_prompts, check_context, right_pad, sample, stop_token_id
 from utils.models import (add_lora, check_dtype, check_quantize, disable_dropout, enable_checkpointing, fuse_gelu,
-                          on_device, quantization, reference_model, weights_dtype)
+                          on_device, quantization, reference_model, sample_table, weights_dtype)
 from utils.rewards import RewardModel, check_reward_flags, load_reward_fns, total_reward
 from utils.runtime import Tracker, autocast, check_positive, cli, exact_div, peak_memory_mb, prepare_output_dir
 
@@ -613,24 +613,6 @@ def load_inputs(args: Args):
     return tokenizer, (all_queries, all_prompt_texts), reward_fns, gen_config, stop_id
 
 
-@torch.no_grad()
-def sample_table(lm, ref_lm, tokenizer, queries, completions, scores, gen_config, stop_id, device, fsdp: bool):
-    """Rows {prompt, response, score, reference_response} of a few episodes, the reference's response sampled now for
-    the same prompt (ref_lm, or the LoRA policy with its adapters disabled): what the policy learned to say instead."""
-    if ref_lm is None:
-        with lm.disable_adapter():
-            ref_responses = truncate_after_stop(generate(lm, queries, tokenizer.pad_token_id, gen_config, device, fsdp),
-                                                stop_id)[0]
-    else:
-        with on_device(ref_lm, device, keep=lm):  # an offloaded reference: on the device for this generation
-            ref_responses = truncate_after_stop(generate(ref_lm, queries, tokenizer.pad_token_id, gen_config, device,
-                                                         fsdp), stop_id)[0]
-    prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
-    references = tokenizer.batch_decode(ref_responses, skip_special_tokens=True)
-    return [{"prompt": p, "response": c, "score": float(s), "reference_response": r}
-            for p, c, s, r in zip(prompts, completions, scores, references)]
-
-
 def make_policy(args: Args, device, resume_from: Optional[Path]):
     """The policy (LM + value head, LoRA adapters if asked), the module that trains it (under torchrun: DDP's wrapper,
     or the policy sharded in place by FSDP; else the policy) and the frozen reference model (None under LoRA: the
@@ -686,6 +668,9 @@ def main(args: Args):
               f"{device}; {len(all_queries)} prompts; outputs in {out_dir}"
               + (f"; resumed from {resume_from} after iteration {start_iteration}" if resume_from else ""))
 
+    def respond(lm, q):  # the sample table's reference responses, sampled as in the rollout
+        return truncate_after_stop(generate(lm, q, tokenizer.pad_token_id, gen_config, device, args.fsdp), stop_id)[0]
+
     bar = tqdm(range(start_iteration, args.num_iterations), desc="ppo", initial=start_iteration,
                total=args.num_iterations, dynamic_ncols=True, disable=not is_main)
     for iteration in bar:
@@ -733,8 +718,8 @@ def main(args: Args):
         }, device))
         last = iteration + 1 == args.num_iterations
         sampling = args.sample_every and ((iteration + 1) % args.sample_every == 0 or last)
-        samples = sample_table(policy.lm, ref_lm, tokenizer, queries[:4], completions[:4], scores[:4], gen_config,
-                               stop_id, device, args.fsdp) if sampling else None  # every process (FSDP); rank 0 logs
+        samples = sample_table(respond, policy.lm, ref_lm, tokenizer, queries[:4], completions[:4], scores[:4],
+                               device) if sampling else None  # every process (FSDP); rank 0 logs
         if is_main:
             tracker.log(stats, samples=samples)
             bar.write(summary(stats))

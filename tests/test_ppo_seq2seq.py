@@ -25,7 +25,7 @@ from conftest import ROOT, learning_seed, record_learning, run_script, torchrun
 # ppo.py must be copied to ppo_seq2seq.py (and the other way round).
 SHARED = ["logprobs_of", "entropy_of", "masked_mean", "global_masked_mean", "masked_whiten", "kl_per_token",
           "full_kl_of", "shaped_rewards", "gae", "policy_loss", "value_loss", "KLController", "RunningMoments",
-          "truncate_after_stop", "cut_to_drawn_lengths", "sample_table", "summary"]
+          "truncate_after_stop", "cut_to_drawn_lengths", "summary"]
 # Plumbing the two scripts take from utils/: one copy, the same object in both
 PLUMBING = ["exact_div", "build_prompts", "batch_indices", "right_pad", "sample", "full_state_dicts", "save_checkpoint",
             "load_weights", "load_training_state", "save_final_model", "distribute", "RewardModel", "total_reward"]

@@ -228,3 +228,20 @@ def on_device(reference, device, keep: torch.nn.Module):
                 t.data = t.data.to(home)
 
     return moved()
+
+
+@torch.no_grad()
+def sample_table(sample, lm, ref_lm, tokenizer, queries, completions, scores, device) -> list[dict]:
+    """Rows {prompt, response, score, reference_response} of a few episodes, the reference's response sampled now for
+    the same prompt (ref_lm, or the LoRA policy with its adapters disabled): what the policy learned to say instead.
+    sample(model, queries) -> responses: the script's own sampling (its generate, cut after the stop token)."""
+    if ref_lm is None:
+        with lm.disable_adapter():
+            ref_responses = sample(lm, queries)
+    else:
+        with on_device(ref_lm, device, keep=lm):  # an offloaded reference: on the device for this generation
+            ref_responses = sample(ref_lm, queries)
+    prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+    references = tokenizer.batch_decode(ref_responses, skip_special_tokens=True)
+    return [{"prompt": p, "response": c, "score": float(s), "reference_response": r}
+            for p, c, s, r in zip(prompts, completions, scores, references)]
