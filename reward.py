@@ -14,7 +14,7 @@ accuracy, checkpoints, and the training loop in `main`.
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -30,8 +30,8 @@ from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
                        quiet_load_report)
-from utils.models import (add_lora, check_dtype, check_quantize, compile_blocks, fuse_gelu, quantization,
-                          weights_dtype)
+from utils.models import (add_lora, block_list, check_dtype, check_quantize, compile_blocks, fuse_gelu,
+                          quantization, weights_dtype)
 from utils.prompts import left_pad, right_pad
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
@@ -70,6 +70,8 @@ class Args:
     """recompute activations in the backward pass: less memory, ~30% slower"""
     share_prefix: bool = True
     """decoders: read the tokens both texts of a pair start with (the prompt) once (exact; off under checkpointing)"""
+    trim_last_block: bool = True
+    """decoders: run the last block's MLP only where the score is read (exact; off with checkpointing or --compile)"""
     compile: bool = False
     """torch.compile the transformer blocks (a one-off compilation, then faster steps on GPU; needs a C++ compiler)"""
 
@@ -246,15 +248,66 @@ def shared_prefix_length(chosen: list[int], rejected: list[int], pad_id: int) ->
     return min(n, *scored)
 
 
-def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False):
+def last_block_mlp(model):
+    """The MLP of a causal decoder's last transformer block (the `mlp` of GPT-2's, Llama's, Qwen's ... blocks), or
+    None (encoders, and blocks without an `mlp` module)."""
+    try:
+        last_block = block_list(model)[1][-1]
+    except UserError:  # not one list of blocks
+        return None
+    mlp = getattr(last_block, "mlp", None)
+    return mlp if causal(model) and isinstance(mlp, torch.nn.Module) else None
+
+
+@contextmanager
+def mlp_only_at(mlp, positions: torch.Tensor):
+    """Run `mlp` (one block's position-wise MLP, called as mlp(hidden [batch, time, width])) at `positions`
+    [batch, k] only; the other positions get zeros. In the last block of a classifier that reads one position per
+    text, this changes nothing the score sees (nor its gradients), and saves that MLP's work (~2/3 of the block) at
+    every other position: the hidden states at those positions are left unfinished and must not be read. mlp None:
+    no change."""
+    if mlp is None:
+        yield
+        return
+    index = positions.unsqueeze(-1)  # [batch, k, 1], expanded to the width below
+    shape = {}
+
+    def take(module, args):
+        hidden = args[0]
+        shape["time"] = hidden.shape[1]
+        return (hidden.gather(1, index.expand(-1, -1, hidden.shape[-1])), *args[1:])
+
+    def put(module, args, out):
+        full = out.new_zeros(out.shape[0], shape["time"], out.shape[-1])
+        return full.scatter(1, index.expand(-1, -1, out.shape[-1]), out)  # scatter: differentiable in `out`
+
+    handles = [mlp.register_forward_pre_hook(take), mlp.register_forward_hook(put)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def last_tokens(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Each row's last position holding a token other than pad_id (0 if none): where a decoder classifier reads its
+    score (transformers' rule). [batch, time] -> [batch, 1]."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(-1, keepdim=True)
+
+
+def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False, last_mlp=None):
     """Score the chosen and the rejected texts of `pairs` in one batch. The classifier reads its score at the
     last token that is not config.pad_token_id (decoders) or at [CLS] (encoders), as ppo.py will.
 
     share_prefix (causal models only): the tokens a pair's two texts start with (its prompt) are read once, and
     both continuations attend to their cached keys/values: the same scores as reading the two whole texts (the
     gradients reach the prefix through the cache) for less compute, used when the padded shapes say it is less.
-    In training the prefix then draws one dropout mask for both texts. Returns chosen_rewards, rejected_rewards
-    [pairs] and margins [pairs]."""
+    In training the prefix then draws one dropout mask for both texts.
+
+    last_mlp (from last_block_mlp): the last block's MLP runs at the scored tokens only (mlp_only_at), and not at
+    all over the shared prefixes, whose last block only gives keys and values. Returns chosen_rewards,
+    rejected_rewards [pairs] and margins [pairs]."""
     chosen, rejected = [p[0] for p in pairs], [p[1] for p in pairs]
     margins = torch.tensor([p[2] for p in pairs], device=device)
     shared = [shared_prefix_length(c, r, pad_id) if share_prefix else 0 for c, r in zip(chosen, rejected)]
@@ -262,7 +315,7 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False):
     suffix_width = max(len(x) - n for c, r, n in zip(chosen, rejected, shared) for x in (c, r))
     if min(shared) == 0 or max(shared) + 2 * suffix_width >= 2 * width:  # tokens per pair, padding included
         input_ids, attention_mask = (t.to(device) for t in right_pad(tensors(chosen + rejected), pad_id))
-        with autocast(device):
+        with autocast(device), mlp_only_at(last_mlp, last_tokens(input_ids, pad_id)):
             rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
         return rewards[: len(pairs)], rewards[len(pairs) :], margins
     # the prefixes, left-padded, and after each its two continuations, right-padded: rows chosen 0, rejected 0, ...
@@ -275,11 +328,13 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False):
     with autocast(device):
         # Outside DDP's wrapper: one DDP forward per backward (its contract); the gradients through the cache
         # still reach the weights, whose hooks DDP all-reduces
-        cache = unwrap(model)(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions,
-                              use_cache=True).past_key_values
+        with mlp_only_at(last_mlp, prefix_positions[:, :0]):  # no position: only the cache is kept
+            cache = unwrap(model)(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions,
+                                  use_cache=True).past_key_values
         cache.reorder_cache(pair)  # each continuation gets its prefix's keys/values (index_select: differentiable)
-        rewards = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[pair], suffix_mask], 1),
-                        position_ids=positions, past_key_values=cache, use_cache=True).logits[:, 0].float()
+        with mlp_only_at(last_mlp, last_tokens(suffix_ids, pad_id)):
+            rewards = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[pair], suffix_mask], 1),
+                            position_ids=positions, past_key_values=cache, use_cache=True).logits[:, 0].float()
     return rewards[0::2], rewards[1::2], margins
 
 
@@ -308,7 +363,7 @@ def pairwise_accuracy(chosen_rewards, rejected_rewards):
 
 @torch.no_grad()
 def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device, rank: int = 0, world_size: int = 1,
-             share_prefix: bool = False) -> dict:
+             share_prefix: bool = False, last_mlp=None) -> dict:
     """Loss, pairwise accuracy, mean reward gap and mean reward over held-out pairs (dropout off). Each process
     scores its share pairs[rank::world_size] and the per-pair sums are added over processes, so every process
     gets the single-process result on all the pairs."""
@@ -318,7 +373,7 @@ def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device, rank: int
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for i in range(0, len(local_pairs), micro_batch_size):
         chosen, rejected, margins = pair_rewards(model, local_pairs[i : i + micro_batch_size], pad_id, device,
-                                                   share_prefix)
+                                                   share_prefix, last_mlp)
         n = len(chosen)
         sums += torch.stack([bradley_terry_loss(chosen, rejected, margins) * n, pairwise_accuracy(chosen, rejected) * n,
                              (chosen - rejected).sum(), (chosen + rejected).sum() / 2]).double()
@@ -452,9 +507,14 @@ def main(args: Args):
     # a pair's common start is read once where attention is causal (an encoder's tokens also read what follows)
     # and caches survive (activation checkpointing drops them)
     share_prefix = args.share_prefix and causal(model) and not args.gradient_checkpointing
+    # the score reads one position per text: the last block's MLP runs there only. Not with activation
+    # checkpointing (its recomputation in the backward pass would run without the hooks) nor under torch.compile
+    # (the compiled blocks would recompile for hooks added and removed at each call)
+    trim = args.trim_last_block and not (args.gradient_checkpointing or args.compile)
+    last_mlp = last_block_mlp(model) if trim else None
     if start_step == 0 and eval_pairs:
         stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size,
-                         share_prefix)
+                         share_prefix, last_mlp)
         if is_main:
             tracker.log({"step": 0, **stats})
     bar = tqdm(range(start_step, args.num_steps), desc="reward", initial=start_step,
@@ -475,7 +535,7 @@ def main(args: Args):
             # DDP all-reduces the gradients once per step, in the last micro-batch's backward
             with ddp_model.no_sync() if world_size > 1 and not last else nullcontext():
                 chosen_rewards, rejected_rewards, margins = pair_rewards(ddp_model, micro_pairs, pad_id, device,
-                                                                         share_prefix)
+                                                                         share_prefix, last_mlp)
                 loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins)
                 if args.center_rewards_coefficient:
                     center = center_rewards_loss(chosen_rewards, rejected_rewards)
@@ -501,7 +561,7 @@ def main(args: Args):
         }, device)
         if eval_pairs and ((args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.num_steps):
             stats.update(evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size,
-                                  share_prefix))
+                                  share_prefix, last_mlp))
         if not is_main:
             continue
         bar.set_postfix(loss=f"{stats['losses/loss']:.3f}", acc=f"{stats['objective/accuracy']:.2f}")

@@ -170,12 +170,13 @@ def test_shared_prefix_length_stops_before_either_scored_token():
 
 
 @pytest.mark.parametrize("arch, lora_r", [("gpt2", 0), ("gpt2", 4), ("llama", 0)])
-def test_shared_prefix_scores_and_gradients_match_whole_texts(assets, tmp_path, arch, lora_r):
-    """Reading a pair's common start once (the cache shared by both continuations) gives the scores and the
-    gradients of reading the two whole texts: a GPT-2 classifier (learned positions) with and without LoRA and a
-    random Llama (rotary positions, grouped-query attention), in eval mode (dropout off), padded batches with
-    prompts of different lengths, texts ending in EOS (= pad), one text a prefix of the other. The shared path
-    must be the one taken (a forward with a cache), else this would compare a path with itself."""
+def test_shared_prefix_and_trimmed_last_block_match_whole_texts(assets, tmp_path, arch, lora_r):
+    """Reading a pair's common start once (the cache shared by both continuations), running the last block's MLP
+    at the scored tokens only, and both, each give the scores and the gradients of reading the two whole texts
+    plainly: a GPT-2 classifier (learned positions) with and without LoRA and a random Llama (rotary positions,
+    grouped-query attention), in eval mode (dropout off), padded batches with prompts of different lengths, texts
+    ending in EOS (= pad), one text a prefix of the other. The fast paths must be the ones taken (a forward with a
+    cache; the MLP's input narrowed), else this would compare a path with itself."""
     tok = AutoTokenizer.from_pretrained(assets / "policy")
     tok.pad_token = tok.eos_token
     path = assets / "policy"
@@ -190,6 +191,10 @@ def test_shared_prefix_scores_and_gradients_match_whole_texts(assets, tmp_path, 
         torch.manual_seed(0)
         model = reward.load_model(reward.Args(model=str(path), lora_r=lora_r), tok, CPU).eval()
     assert reward.causal(model)
+    last_mlp = reward.last_block_mlp(model)
+    base = model.get_base_model() if lora_r else model
+    blocks = base.model.layers if arch == "llama" else base.transformer.h
+    assert last_mlp is blocks[-1].mlp
     eos = tok.eos_token
     texts = [("Review: this film was great fun, I loved it", "Review: this film was dull."),
              ("Review: ok", "Review: terrible, awful and a waste of time" + eos),
@@ -197,20 +202,36 @@ def test_shared_prefix_scores_and_gradients_match_whole_texts(assets, tmp_path, 
     pairs = [(tok(c)["input_ids"], tok(r)["input_ids"], 0.0) for c, r in texts]
     # the third: chosen is a prefix of rejected, so only its scored token is read after the shared 10
     assert [reward.shared_prefix_length(c, r, tok.pad_token_id) for c, r, _ in pairs] == [7, 4, 10]
-    cached = []
+    cached, mlp_widths = [], []
     model.register_forward_pre_hook(lambda m, a, kw: cached.append(kw.get("past_key_values") is not None),
                                     with_kwargs=True)
+    last_mlp.register_forward_hook(lambda m, a, out: mlp_widths.append(a[0].shape[1]))  # what the MLP computed on
     results = {}
-    for share in (False, True):
+    for share, trim in ((False, False), (False, True), (True, False), (True, True)):
         model.zero_grad()
-        chosen, rejected, _ = reward.pair_rewards(model, pairs, tok.pad_token_id, CPU, share_prefix=share)
+        chosen, rejected, _ = reward.pair_rewards(model, pairs, tok.pad_token_id, CPU, share_prefix=share,
+                                                  last_mlp=last_mlp if trim else None)
         (0.7 * chosen.sum() - 1.3 * rejected.sum()).backward()  # any weights: chosen and rejected both checked
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results[share] = (chosen.detach(), rejected.detach(), grads)
-    assert cached == [False, False, True]  # whole texts; then the prefixes, and the continuations with their cache
-    for whole, shared in zip(results[False], results[True]):
-        assert shared.shape == whole.shape and whole.abs().max() > 1e-3
-        torch.testing.assert_close(shared, whole, rtol=1e-4, atol=1e-5)
+        results[share, trim] = (chosen.detach(), rejected.detach(), grads)
+    # whole texts (twice); then the prefixes, and the continuations with their cache (twice)
+    assert cached == [False, False, False, True, False, True]
+    # plain: every position of the padded texts, prefixes and continuations; trimmed: 1 position, none over prefixes
+    width, prefix = max(len(x) for c, r, _ in pairs for x in (c, r)), 10
+    continuation = max(len(x) - n for (c, r, _), n in zip(pairs, (7, 4, 10)) for x in (c, r))
+    assert mlp_widths == [width, 1, prefix, continuation, 0, 1]
+    for key in ((False, True), (True, False), (True, True)):
+        for plain, fast in zip(results[False, False], results[key]):
+            assert fast.shape == plain.shape and plain.abs().max() > 1e-3
+            torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_last_block_mlp_is_found_in_decoders_only(assets):
+    tok = AutoTokenizer.from_pretrained(assets / "policy")
+    gpt2 = reward.load_model(reward.Args(model=str(assets / "policy")), tok, CPU, verbose=False)
+    encoder = reward.load_model(reward.Args(model=str(assets / "reward")), tok, CPU, verbose=False)
+    assert reward.last_block_mlp(gpt2) is gpt2.transformer.h[-1].mlp
+    assert reward.last_block_mlp(encoder) is None
 
 
 def test_encoders_and_pairs_without_a_common_start_read_whole_texts(assets):
