@@ -9,7 +9,8 @@ import shutil
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM)
 
 import reward
 import utils.rewards
@@ -226,11 +227,58 @@ def test_shared_prefix_and_trimmed_last_block_match_whole_texts(assets, tmp_path
             torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
 
 
-def test_last_block_mlp_is_found_in_decoders_only(assets):
+# Other decoder families, random and tiny (heads of 16 dims): how their blocks name and build the MLP varies
+ARCHITECTURES = {
+    "qwen2": dict(intermediate_size=128, num_key_value_heads=2),
+    "qwen2_moe": dict(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                      num_experts=4, num_experts_per_tok=2, num_key_value_heads=2),  # a routed MLP
+    "mistral": dict(intermediate_size=128, num_key_value_heads=2),
+    "gemma2": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16),  # a norm after the MLP
+    "phi3": dict(intermediate_size=128, num_key_value_heads=2),
+    "gpt_neox": dict(intermediate_size=128),
+    "falcon": dict(),  # attention and MLP in parallel
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64),  # no `mlp` module: runs whole
+}
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_trimmed_last_block_and_shared_prefix_across_decoder_families(assets, model_type):
+    """The two exact shortcuts on other decoder families: scores and gradients as reading whole texts plainly."""
     tok = AutoTokenizer.from_pretrained(assets / "policy")
-    gpt2 = reward.load_model(reward.Args(model=str(assets / "policy")), tok, CPU, verbose=False)
+    tok.pad_token = tok.eos_token
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_labels=1, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, **ARCHITECTURES[model_type])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+    last_mlp = reward.last_block_mlp(model)
+    assert reward.causal(model) and (last_mlp is None) == (model_type == "opt")
+    prompt = "Review: this film was"
+    texts = [(prompt + " great fun and I loved it", prompt + " dull."),
+             (prompt + " ok", prompt + " terrible, awful and a waste of time" + tok.eos_token)]
+    pairs = [(tok(c)["input_ids"], tok(r)["input_ids"], 0.0) for c, r in texts]
+    cached = []
+    model.register_forward_pre_hook(lambda m, a, kw: cached.append(kw.get("past_key_values") is not None),
+                                    with_kwargs=True)
+    results = {}
+    for share, trim in ((False, False), (False, True), (True, True)):
+        model.zero_grad()
+        chosen, rejected, _ = reward.pair_rewards(model, pairs, tok.pad_token_id, CPU, share_prefix=share,
+                                                  last_mlp=last_mlp if trim else None)
+        (0.7 * chosen.sum() - 1.3 * rejected.sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[share, trim] = (torch.cat([chosen, rejected]).detach(), grads)
+    assert cached == [False, False, False, True]  # the last: the continuations after the prompts' cache
+    for key in ((False, True), (True, True)):
+        for plain, fast in zip(results[False, False], results[key]):
+            assert plain.abs().max() > 1e-3
+            torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_last_block_mlp_is_none_for_encoders(assets):
+    tok = AutoTokenizer.from_pretrained(assets / "policy")
     encoder = reward.load_model(reward.Args(model=str(assets / "reward")), tok, CPU, verbose=False)
-    assert reward.last_block_mlp(gpt2) is gpt2.transformer.h[-1].mlp
     assert reward.last_block_mlp(encoder) is None
 
 
