@@ -1,12 +1,14 @@
-"""Does reward.py learn as well when it reads each pair's shared prompt once (--share-prefix, the default)?
+"""Does reward.py learn as well with its exact shortcuts on (the defaults) as with each off?
 
-    python benchmarks/reward_share_prefix.py --seeds 1-20
+    python benchmarks/reward_share_prefix.py --seeds 1-20                           # --share-prefix
+    python benchmarks/reward_share_prefix.py --seeds 1-10 --flag trim-last-block    # --trim-last-block
 
-The shared path gives the scores and gradients of reading both whole texts (tests/test_reward.py); what differs in
-training is dropout: the prompt draws one mask for both texts instead of one each. This trains the same GPT-2
+Both give the scores and gradients of reading both whole texts plainly (tests/test_reward.py); what differs in
+training is dropout. --share-prefix: the prompt draws one mask for both texts instead of one each.
+--trim-last-block: the last block's MLP draws its mask at the scored tokens only. This trains the same GPT-2
 classifier (the assets' tiny/policy) on IMDB preference pairs after a shared prompt (17 tokens of the assets'
-tokenizer), with and without --share-prefix, for each seed, and prints the held-out accuracy and loss of both and
-their paired difference.
+tokenizer), with the flag on and off, for each seed, and prints the held-out accuracy and loss of both and their
+paired difference.
 """
 
 import argparse
@@ -32,6 +34,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="1-20")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--flag", choices=["share-prefix", "trim-last-block"], default="share-prefix")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "reward_share_prefix"))
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -40,26 +43,27 @@ def main():
     write_jsonl(work / "train.jsonl", [{"prompt": PROMPT, **x} for x in pairs[:1000]])
     write_jsonl(work / "test.jsonl", [{"prompt": PROMPT, **x} for x in pairs[1000:]])
     results = {True: [], False: []}
+    field = a.flag.replace("-", "_")
     for seed in seeds_from(a.seeds):
-        for share in (True, False):
+        for on in (True, False):
             # texts cut on the right: each keeps its prompt (cut on the left, 64-token texts would lose it)
             metrics_path = reward.main(reward.Args(
                 model=str(assets / "policy"), dataset=str(work / "train.jsonl"), eval_dataset=str(work / "test.jsonl"),
                 truncation_side="right", max_seq_length=64, max_steps=a.steps, batch_size=16, learning_rate=1e-3,
-                eval_every=0, save_every=10**6, seed=seed, share_prefix=share, overwrite=True,
-                output_dir=str(work / f"seed{seed}-{'shared' if share else 'whole'}")))
+                eval_every=0, save_every=10**6, seed=seed, overwrite=True, **{field: on},
+                output_dir=str(work / f"seed{seed}-{a.flag}-{'on' if on else 'off'}")))
             last = [json.loads(line) for line in open(metrics_path)][-1]
-            results[share].append((last["eval/accuracy"], last["eval/loss"]))
+            results[on].append((last["eval/accuracy"], last["eval/loss"]))
         (acc_s, loss_s), (acc_w, loss_w) = results[True][-1], results[False][-1]
-        print(f"seed {seed}: held-out accuracy {acc_s:.3f} shared / {acc_w:.3f} whole, "
+        print(f"seed {seed}: held-out accuracy {acc_s:.3f} on / {acc_w:.3f} off, "
               f"loss {loss_s:.3f} / {loss_w:.3f}", flush=True)
-    for share, name in ((True, "--share-prefix"), (False, "--no-share-prefix")):
-        acc, loss = zip(*results[share])
+    for on, name in ((True, f"--{a.flag}"), (False, f"--no-{a.flag}")):
+        acc, loss = zip(*results[on])
         print(f"{name}: accuracy mean {statistics.mean(acc):.3f} median {statistics.median(acc):.3f} "
               f"min {min(acc):.3f}; loss mean {statistics.mean(loss):.3f} median {statistics.median(loss):.3f}")
     diff = [s[0] - w[0] for s, w in zip(results[True], results[False])]
-    print(f"paired accuracy difference (shared - whole): mean {statistics.mean(diff):+.3f}, "
-          f"shared higher on {sum(d > 0 for d in diff)} of {len(diff)} seeds")
+    print(f"paired accuracy difference (on - off): mean {statistics.mean(diff):+.3f}, "
+          f"on higher on {sum(d > 0 for d in diff)} of {len(diff)} seeds")
 
 
 if __name__ == "__main__":
