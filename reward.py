@@ -71,7 +71,7 @@ class Args:
     share_prefix: bool = True
     """decoders: read the tokens both texts of a pair start with (the prompt) once (exact; off under checkpointing)"""
     trim_last_block: bool = True
-    """decoders: run the last block's MLP only where the score is read (exact; off with checkpointing or --compile)"""
+    """decoders: the last block's MLP runs only where the score is read (same scores; off under checkpointing)"""
     compile: bool = False
     """torch.compile the transformer blocks (a one-off compilation, then faster steps on GPU; needs a C++ compiler)"""
 
@@ -253,7 +253,7 @@ def last_block_mlp(model):
     None (encoders, and blocks without an `mlp` module)."""
     try:
         last_block = block_list(model)[1][-1]
-    except UserError:  # not one list of blocks
+    except UserError:  # the model has not exactly one list of blocks
         return None
     mlp = getattr(last_block, "mlp", None)
     return mlp if causal(model) and isinstance(mlp, torch.nn.Module) else None
@@ -261,27 +261,32 @@ def last_block_mlp(model):
 
 @contextmanager
 def mlp_only_at(mlp, positions: torch.Tensor):
-    """Run `mlp` (one block's position-wise MLP, called as mlp(hidden [batch, time, width])) at `positions`
-    [batch, k] only; the other positions get zeros. In the last block of a classifier that reads one position per
-    text, this changes nothing the score sees (nor its gradients), and saves that MLP's work (~2/3 of the block) at
-    every other position: the hidden states at those positions are left unfinished and must not be read. mlp None:
-    no change."""
+    """Run `mlp` (one block's position-wise MLP, called as mlp(hidden [batch, time, width]) -> a tensor of that
+    shape) at `positions` [batch, k] only; the other positions get zeros. In the last block of a classifier that
+    reads one position per text, this changes nothing the score sees (nor its gradients, up to float rounding), and
+    saves that MLP's work (~2/3 of the block) at every other position: the hidden states at those positions are
+    left unfinished and must not be read. An MLP called or answering otherwise raises a TypeError (see
+    trims_exactly). mlp None: no change."""
     if mlp is None:
         yield
         return
     index = positions.unsqueeze(-1)  # [batch, k, 1], expanded to the width below
-    shape = {}
+    time = None  # the full length, from the MLP's input to its output
 
-    def take(module, args):
-        hidden = args[0]
-        shape["time"] = hidden.shape[1]
-        return (hidden.gather(1, index.expand(-1, -1, hidden.shape[-1])), *args[1:])
+    def take(module, args, kwargs):
+        nonlocal time
+        if len(args) != 1 or kwargs or not torch.is_tensor(args[0]):
+            raise TypeError(f"{type(module).__name__} is not called as mlp(hidden_states)")
+        time = args[0].shape[1]
+        return (args[0].gather(1, index.expand(-1, -1, args[0].shape[-1])),), {}
 
     def put(module, args, out):
-        full = out.new_zeros(out.shape[0], shape["time"], out.shape[-1])
+        if not torch.is_tensor(out):
+            raise TypeError(f"{type(module).__name__} returns a {type(out).__name__}, not a tensor")
+        full = out.new_zeros(out.shape[0], time, out.shape[-1])
         return full.scatter(1, index.expand(-1, -1, out.shape[-1]), out)  # scatter: differentiable in `out`
 
-    handles = [mlp.register_forward_pre_hook(take), mlp.register_forward_hook(put)]
+    handles = [mlp.register_forward_pre_hook(take, with_kwargs=True), mlp.register_forward_hook(put)]
     try:
         yield
     finally:
@@ -336,6 +341,22 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False, 
             rewards = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[pair], suffix_mask], 1),
                             position_ids=positions, past_key_values=cache, use_cache=True).logits[:, 0].float()
     return rewards[0::2], rewards[1::2], margins
+
+
+@torch.no_grad()
+def trims_exactly(model, mlp, pairs, pad_id: int, device) -> bool:
+    """Whether running `mlp` at the scored tokens only (mlp_only_at) gives the plain scores of `pairs` (eval mode,
+    whole texts): checked once before training, so an MLP that takes more than the hidden states, returns more than
+    a tensor (GPT-OSS's returns its router scores too) or mixes positions leaves the model to run as it is."""
+    model.eval()
+    try:
+        plain = torch.cat(pair_rewards(model, pairs, pad_id, device)[:2])
+        trimmed = torch.cat(pair_rewards(model, pairs, pad_id, device, last_mlp=mlp)[:2])
+        return torch.allclose(trimmed, plain, rtol=1e-2, atol=1e-3)  # float rounding only (bf16 under autocast)
+    except TypeError:  # raised by mlp_only_at's hooks
+        return False
+    finally:
+        model.train()
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None):
@@ -508,10 +529,16 @@ def main(args: Args):
     # and caches survive (activation checkpointing drops them)
     share_prefix = args.share_prefix and causal(model) and not args.gradient_checkpointing
     # the score reads one position per text: the last block's MLP runs there only. Not with activation
-    # checkpointing (its recomputation in the backward pass would run without the hooks) nor under torch.compile
-    # (the compiled blocks would recompile for hooks added and removed at each call)
-    trim = args.trim_last_block and not (args.gradient_checkpointing or args.compile)
+    # checkpointing (its recomputation in the backward pass would run without the hooks), under torch.compile (the
+    # compiled blocks would recompile for hooks added and removed at each call), nor for code from the hub (an MLP
+    # may add a training-only loss over the tokens it sees, e.g. an MoE's load balancing)
+    trim = args.trim_last_block and not (args.gradient_checkpointing or args.compile or args.trust_remote_code)
     last_mlp = last_block_mlp(model) if trim else None
+    if last_mlp is not None and not trims_exactly(model, last_mlp, train_pairs[: args.micro_batch_size], pad_id,
+                                                  device):
+        if is_main:
+            print(f"note: {type(last_mlp).__name__} is not a plain position-wise MLP; --trim-last-block is off")
+        last_mlp = None
     if start_step == 0 and eval_pairs:
         stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size,
                          share_prefix, last_mlp)

@@ -1,7 +1,7 @@
 """Does reward.py learn as well with its exact shortcuts on (the defaults) as with each off?
 
     python benchmarks/reward_share_prefix.py --seeds 1-20                           # --share-prefix
-    python benchmarks/reward_share_prefix.py --seeds 1-10 --flag trim-last-block    # --trim-last-block
+    python benchmarks/reward_share_prefix.py --seeds 1-20 --flag trim-last-block    # --trim-last-block
 
 Both give the scores and gradients of reading both whole texts plainly (tests/test_reward.py); what differs in
 training is dropout. --share-prefix: the prompt draws one mask for both texts instead of one each.

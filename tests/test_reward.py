@@ -197,8 +197,9 @@ def test_shared_prefix_and_trimmed_last_block_match_whole_texts(assets, tmp_path
     blocks = base.model.layers if arch == "llama" else base.transformer.h
     assert last_mlp is blocks[-1].mlp
     eos = tok.eos_token
+    # EOS (= pad) ends texts and, in one, sits inside it (as an end-of-turn token does): the score is read after it
     texts = [("Review: this film was great fun, I loved it", "Review: this film was dull."),
-             ("Review: ok", "Review: terrible, awful and a waste of time" + eos),
+             ("Review: ok" + eos + " fine", "Review: terrible, awful and a waste of time" + eos),
              ("Q: what is two plus two? A: four", "Q: what is two plus two? A: four, or five" + eos + eos)]
     pairs = [(tok(c)["input_ids"], tok(r)["input_ids"], 0.0) for c, r in texts]
     # the third: chosen is a prefix of rejected, so only its scored token is read after the shared 10
@@ -258,9 +259,11 @@ def test_trimmed_last_block_and_shared_prefix_across_decoder_families(assets, mo
     texts = [(prompt + " great fun and I loved it", prompt + " dull."),
              (prompt + " ok", prompt + " terrible, awful and a waste of time" + tok.eos_token)]
     pairs = [(tok(c)["input_ids"], tok(r)["input_ids"], 0.0) for c, r in texts]
-    cached = []
+    cached, mlp_widths = [], []
     model.register_forward_pre_hook(lambda m, a, kw: cached.append(kw.get("past_key_values") is not None),
                                     with_kwargs=True)
+    if last_mlp is not None:
+        last_mlp.register_forward_hook(lambda m, a, out: mlp_widths.append(a[0].shape[1]))
     results = {}
     for share, trim in ((False, False), (False, True), (True, True)):
         model.zero_grad()
@@ -270,6 +273,8 @@ def test_trimmed_last_block_and_shared_prefix_across_decoder_families(assets, mo
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results[share, trim] = (torch.cat([chosen, rejected]).detach(), grads)
     assert cached == [False, False, False, True]  # the last: the continuations after the prompts' cache
+    if last_mlp is not None:  # plain: every position; trimmed: one per text, and none over the prompts
+        assert mlp_widths == [max(len(x) for c, r, _ in pairs for x in (c, r)), 1, 0, 1]
     for key in ((False, True), (True, True)):
         for plain, fast in zip(results[False, False], results[key]):
             assert plain.abs().max() > 1e-3
@@ -277,9 +282,60 @@ def test_trimmed_last_block_and_shared_prefix_across_decoder_families(assets, mo
 
 
 def test_last_block_mlp_is_none_for_encoders(assets):
+    """ModernBERT's blocks have an `mlp` too, but every token also reads the tokens after it."""
+    config = AutoConfig.for_model("modernbert", vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_labels=1, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    encoder = AutoModelForSequenceClassification.from_config(config)
+    assert hasattr(encoder.model.layers[-1], "mlp") and reward.last_block_mlp(encoder) is None
+
+
+def test_mlp_only_at_runs_the_mlp_at_the_given_positions_only():
+    torch.manual_seed(0)
+    mlp, x = torch.nn.Linear(4, 4), torch.randn(2, 5, 4, requires_grad=True)
+    with reward.mlp_only_at(mlp, torch.tensor([[4], [2]])):
+        y = mlp(x)
+    expected = torch.zeros(2, 5, 4)
+    expected[0, 4], expected[1, 2] = mlp(x[0, 4]), mlp(x[1, 2])
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()  # the gradient reaches the input at those positions only
+    assert x.grad[0, 4].abs().sum() > 0 and x.grad[0, :4].abs().sum() == 0 and x.grad[1, 2].abs().sum() > 0
+    assert mlp(x).shape == (2, 5, 4)  # the hooks are gone
+
+
+def test_mlps_that_are_not_plain_position_wise_are_not_trimmed(assets):
+    """An MLP called with more than the hidden states or returning more than a tensor raises inside mlp_only_at;
+    one that mixes positions gives other scores. trims_exactly (run once before training) says no to both, and yes
+    to GPT-2's."""
+
+    class Tupled(torch.nn.Module):  # e.g. GPT-OSS's MLP: (hidden states, router scores)
+        def forward(self, hidden):
+            return hidden, None
+
+    tupled = Tupled()
+    with pytest.raises(TypeError, match="returns a tuple"), reward.mlp_only_at(tupled, torch.zeros(1, 1).long()):
+        tupled(torch.zeros(1, 3, 2))
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="not called as mlp"), reward.mlp_only_at(lin, torch.zeros(1, 1).long()):
+        lin(input=torch.zeros(1, 3, 2))
+
     tok = AutoTokenizer.from_pretrained(assets / "policy")
-    encoder = reward.load_model(reward.Args(model=str(assets / "reward")), tok, CPU, verbose=False)
-    assert reward.last_block_mlp(encoder) is None
+    tok.pad_token = tok.eos_token
+    model = reward.load_model(reward.Args(model=str(assets / "policy")), tok, CPU, verbose=False)
+    pairs = [(tok("A fine film.")["input_ids"], tok("A long, slow and dull film.")["input_ids"], 0.0)]
+    assert reward.trims_exactly(model, reward.last_block_mlp(model), pairs, tok.pad_token_id, CPU)
+    assert model.training  # left as it was found
+
+    class Mixing(torch.nn.Module):  # each position also reads the mean over all positions
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, hidden):
+            return self.mlp(hidden) + hidden.mean(1, keepdim=True)
+
+    model.transformer.h[-1].mlp = Mixing(model.transformer.h[-1].mlp)
+    assert not reward.trims_exactly(model, reward.last_block_mlp(model), pairs, tok.pad_token_id, CPU)
 
 
 def test_encoders_and_pairs_without_a_common_start_read_whole_texts(assets):
