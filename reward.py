@@ -271,19 +271,19 @@ def mlp_only_at(mlp, positions: torch.Tensor):
         yield
         return
     index = positions.unsqueeze(-1)  # [batch, k, 1], expanded to the width below
-    time = None  # the full length, from the MLP's input to its output
+    length = None  # the full length, from the MLP's input to its output
 
     def take(module, args, kwargs):
-        nonlocal time
+        nonlocal length
         if len(args) != 1 or kwargs or not torch.is_tensor(args[0]):
             raise TypeError(f"{type(module).__name__} is not called as mlp(hidden_states)")
-        time = args[0].shape[1]
+        length = args[0].shape[1]
         return (args[0].gather(1, index.expand(-1, -1, args[0].shape[-1])),), {}
 
     def put(module, args, out):
         if not torch.is_tensor(out):
             raise TypeError(f"{type(module).__name__} returns a {type(out).__name__}, not a tensor")
-        full = out.new_zeros(out.shape[0], time, out.shape[-1])
+        full = out.new_zeros(out.shape[0], length, out.shape[-1])
         return full.scatter(1, index.expand(-1, -1, out.shape[-1]), out)  # scatter: differentiable in `out`
 
     handles = [mlp.register_forward_pre_hook(take, with_kwargs=True), mlp.register_forward_hook(put)]
