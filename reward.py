@@ -344,17 +344,20 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False, 
 
 
 @torch.no_grad()
-def trims_exactly(model, mlp, pairs, pad_id: int, device) -> bool:
-    """Whether running `mlp` at the scored tokens only (mlp_only_at) gives the plain scores of `pairs` (eval mode,
-    whole texts): checked once before training, so an MLP that takes more than the hidden states, returns more than
-    a tensor (GPT-OSS's returns its router scores too) or mixes positions leaves the model to run as it is."""
+def shortcut_problem(model, pairs, pad_id: int, device, **shortcut) -> Optional[str]:
+    """Why pair_rewards with a shortcut (share_prefix=True, or last_mlp=...) does not give the plain scores of
+    `pairs` (eval mode), or None if it does: checked on one micro-batch before training, so a model a shortcut does
+    not fit runs without it. E.g. GPT-OSS's MLP also returns router scores (mlp_only_at raises a TypeError), MiniMax's
+    cache cannot be reordered, CTRL's classifier returns no cache."""
     model.eval()
     try:
         plain = torch.cat(pair_rewards(model, pairs, pad_id, device)[:2])
-        trimmed = torch.cat(pair_rewards(model, pairs, pad_id, device, last_mlp=mlp)[:2])
-        return torch.allclose(trimmed, plain, rtol=1e-2, atol=1e-3)  # float rounding only (bf16 under autocast)
-    except TypeError:  # raised by mlp_only_at's hooks
-        return False
+        fast = torch.cat(pair_rewards(model, pairs, pad_id, device, **shortcut)[:2])
+        if not torch.allclose(fast, plain, rtol=1e-2, atol=1e-3):  # float rounding only (bf16 under autocast)
+            return f"scores differ by up to {(fast - plain).abs().max().item():.2g}"
+        return None
+    except (AttributeError, IndexError, RuntimeError, TypeError, ValueError) as error:  # model code we do not know
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     finally:
         model.train()
 
@@ -534,11 +537,20 @@ def main(args: Args):
     # may add a training-only loss over the tokens it sees, e.g. an MoE's load balancing)
     trim = args.trim_last_block and not (args.gradient_checkpointing or args.compile or args.trust_remote_code)
     last_mlp = last_block_mlp(model) if trim else None
-    if last_mlp is not None and not trims_exactly(model, last_mlp, train_pairs[: args.micro_batch_size], pad_id,
-                                                  device):
+    # Each shortcut is tried once on real texts against the plain scores; a model it does not fit runs without it.
+    # Each probe pair is a text and the same text with its second half reversed: they share a start.
+    texts = [c for c, _, _ in train_pairs if len(c) >= 4][: args.micro_batch_size]
+    probe = [(c, c[: len(c) // 2] + c[len(c) // 2 :][::-1], 0.0) for c in texts]
+    problem = probe and share_prefix and shortcut_problem(model, probe, pad_id, device, share_prefix=True)
+    if problem:
+        share_prefix = False
         if is_main:
-            print(f"note: {type(last_mlp).__name__} is not a plain position-wise MLP; --trim-last-block is off")
+            print(f"note: --share-prefix is off: {type(model).__name__} fails its check ({problem})")
+    problem = probe and last_mlp is not None and shortcut_problem(model, probe, pad_id, device, last_mlp=last_mlp)
+    if problem:
         last_mlp = None
+        if is_main:
+            print(f"note: --trim-last-block is off: {type(model).__name__} fails its check ({problem})")
     if start_step == 0 and eval_pairs:
         stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size,
                          share_prefix, last_mlp)

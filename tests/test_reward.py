@@ -303,10 +303,11 @@ def test_mlp_only_at_runs_the_mlp_at_the_given_positions_only():
     assert mlp(x).shape == (2, 5, 4)  # the hooks are gone
 
 
-def test_mlps_that_are_not_plain_position_wise_are_not_trimmed(assets):
-    """An MLP called with more than the hidden states or returning more than a tensor raises inside mlp_only_at;
-    one that mixes positions gives other scores. trims_exactly (run once before training) says no to both, and yes
-    to GPT-2's."""
+def test_shortcuts_a_model_does_not_fit_are_found_before_training(assets, tmp_path):
+    """An MLP called with more than the hidden states or returning more than a tensor raises inside mlp_only_at (a
+    TypeError, which shortcut_problem reports); one that mixes positions gives other scores; CTRL's classifier returns
+    no cache to share. shortcut_problem (run once before training, on pairs built as main builds them) names these
+    problems, and finds none with GPT-2."""
 
     class Tupled(torch.nn.Module):  # e.g. GPT-OSS's MLP: (hidden states, router scores)
         def forward(self, hidden):
@@ -322,8 +323,15 @@ def test_mlps_that_are_not_plain_position_wise_are_not_trimmed(assets):
     tok = AutoTokenizer.from_pretrained(assets / "policy")
     tok.pad_token = tok.eos_token
     model = reward.load_model(reward.Args(model=str(assets / "policy")), tok, CPU, verbose=False)
-    pairs = [(tok("A fine film.")["input_ids"], tok("A long, slow and dull film.")["input_ids"], 0.0)]
-    assert reward.trims_exactly(model, reward.last_block_mlp(model), pairs, tok.pad_token_id, CPU)
+    texts = [tok(t)["input_ids"] for t in ("A fine film.", "A long, slow and dull film with a good end.")]
+    probe = [(c, c[: len(c) // 2] + c[len(c) // 2 :][::-1], 0.0) for c in texts]  # as main builds it
+    cached = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: cached.append(kw.get("past_key_values") is not None),
+                                           with_kwargs=True)
+    assert reward.shortcut_problem(model, probe, tok.pad_token_id, CPU, share_prefix=True) is None
+    assert cached == [False, False, True]  # the probe took the shared path
+    hook.remove()
+    assert reward.shortcut_problem(model, probe, tok.pad_token_id, CPU, last_mlp=reward.last_block_mlp(model)) is None
     assert model.training  # left as it was found
 
     class Mixing(torch.nn.Module):  # each position also reads the mean over all positions
@@ -334,8 +342,17 @@ def test_mlps_that_are_not_plain_position_wise_are_not_trimmed(assets):
         def forward(self, hidden):
             return self.mlp(hidden) + hidden.mean(1, keepdim=True)
 
-    model.transformer.h[-1].mlp = Mixing(model.transformer.h[-1].mlp)
-    assert not reward.trims_exactly(model, reward.last_block_mlp(model), pairs, tok.pad_token_id, CPU)
+    block = model.transformer.h[-1]
+    block.mlp = Mixing(block.mlp)
+    problem = reward.shortcut_problem(model, probe, tok.pad_token_id, CPU, last_mlp=block.mlp)
+    assert problem.startswith("scores differ")
+
+    config = AutoConfig.for_model("ctrl", vocab_size=len(tok), n_embd=64, dff=128, n_layer=2, n_head=4, num_labels=1,
+                                  pad_token_id=tok.pad_token_id)
+    ctrl = AutoModelForSequenceClassification.from_config(config)
+    assert reward.causal(ctrl)
+    problem = reward.shortcut_problem(ctrl, probe, tok.pad_token_id, CPU, share_prefix=True)
+    assert problem.startswith("AttributeError") and "past_key_values" in problem
 
 
 def test_encoders_and_pairs_without_a_common_start_read_whole_texts(assets):
