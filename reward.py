@@ -266,7 +266,7 @@ def mlp_only_at(mlp, positions: torch.Tensor):
     reads one position per text, this changes nothing the score sees (nor its gradients, up to float rounding), and
     saves that MLP's work (~2/3 of the block) at every other position: the hidden states at those positions are
     left unfinished and must not be read. An MLP called or answering otherwise raises a TypeError (see
-    trims_exactly). mlp None: no change."""
+    shortcut_problem). mlp None: no change."""
     if mlp is None:
         yield
         return
