@@ -19,6 +19,10 @@ def test_two_processes_whiten_and_update_like_one(assets, tmp_path, mode):
     # whitening statistics reduced over the processes == one process's on the whole batch
     assert torch.allclose(got["whitened"] * mask, ppo.masked_whiten(x, mask) * mask, atol=1e-6)
     weights, stats, kl_coef = update(assets / "policy", 1, False, queries, responses, scores)
+    start = AutoModelForCausalLM.from_pretrained(assets / "policy").state_dict()
+    # the update moves weights by up to ~0.1 (2 SGD steps, lr 1): a gradient not averaged over the processes would
+    # move them by twice as much, far outside the tolerance
+    assert max((weights["lm." + k] - w).abs().max().item() for k, w in start.items()) > 0.05
     assert all(torch.allclose(weights[k], got["weights"][k], atol=1e-5) for k in weights)
     assert kl_coef == pytest.approx(got["kl_coef"], rel=1e-6)  # KL controller fed the reduced KL
     for key in ("objective/scores", "objective/kl", "losses/policy_loss", "losses/value_loss"):
