@@ -72,6 +72,8 @@ class Args:
     """decoders: read the tokens both texts of a pair start with (the prompt) once (exact; off under checkpointing)"""
     trim_last_block: bool = True
     """decoders: the last block's MLP runs only where the score is read (same scores; off under checkpointing)"""
+    length_groups: int = 0
+    """forwards per micro-batch at most, each of pairs of similar length: less padding, same scores (0: CPU 4, GPU 1)"""
     compile: bool = False
     """torch.compile the transformer blocks (a one-off compilation, then faster steps on GPU; needs a C++ compiler)"""
 
@@ -148,6 +150,8 @@ def check_args(args: Args, world_size: int = 1) -> Args:
     """Fail loudly on inconsistent settings and fill the derived sizes known before loading anything."""
     check_dtype(args.dtype, args.lora_r)
     check_quantize(args)
+    if args.length_groups < 0:
+        raise UserError("--length-groups must be >= 1, or 0 for the default")
     check_positive(args, "batch_size", "gradient_accumulation_steps", "learning_rate", "save_every",
                    "max_seq_length", "max_eval_examples")
     if args.eval_every < 0 or args.weight_decay < 0:
@@ -343,6 +347,39 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False, 
     return rewards[0::2], rewards[1::2], margins
 
 
+def length_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
+    """The indices of `lengths` sorted by length and cut into at most max_groups runs, each padded to its longest,
+    at the cuts that compute the fewest tokens in all (real + padding), counting for each run one more item of the
+    longest length (a forward's fixed cost: a cut must save more than that in padding). Dynamic programming:
+    best[k, j] is the fewest tokens for the j shortest items in k runs, the last run being items i..j-1."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in order]
+    n, best = len(sizes), {(0, 0): (0, 0)}  # (runs, items) -> (tokens, where the last run starts)
+    for k in range(1, min(max_groups, n) + 1):
+        for j in range(k, n + 1):
+            best[k, j] = min((best[k - 1, i][0] + (j - i) * sizes[j - 1], i) for i in range(k - 1, j)
+                             if (k - 1, i) in best)
+    k = min(range(1, min(max_groups, n) + 1), key=lambda k: best[k, n][0] + k * sizes[-1]) if n else 0
+    runs, j = [], n
+    for k in range(k, 0, -1):  # back from the last run
+        i = best[k, j][1]
+        runs.insert(0, order[i:j])
+        j = i
+    return runs
+
+
+def grouped_pair_rewards(model, pairs, pad_id: int, device, max_groups: int = 1, **shortcuts):
+    """pair_rewards of `pairs`, in their order, scored in up to max_groups forwards of pairs of similar length
+    (length_groups on each pair's longer text): the same scores and gradients as one forward, since padding changes
+    no score, for fewer padded tokens when lengths differ. All groups but the last skip DDP's wrapper (one DDP
+    forward per backward, as pair_rewards does for the prefix); the gradients through them still reach its hooks."""
+    runs = length_groups([max(len(c), len(r)) for c, r, _ in pairs], max_groups)
+    scored = [pair_rewards(model if k == len(runs) - 1 else unwrap(model), [pairs[i] for i in run], pad_id, device,
+                           **shortcuts) for k, run in enumerate(runs)]
+    inverse = torch.tensor([i for run in runs for i in run], device=device).argsort()  # back to the pairs' order
+    return tuple(torch.cat(parts)[inverse] for parts in zip(*scored))
+
+
 @torch.no_grad()
 def shortcut_problem(model, pairs, pad_id: int, device, **shortcut) -> Optional[str]:
     """Why pair_rewards with a shortcut (share_prefix=True, or last_mlp=...) does not give the plain scores of
@@ -392,7 +429,9 @@ def evaluate(model, pairs, micro_batch_size: int, pad_id: int, device, rank: int
     scores its share pairs[rank::world_size] and the per-pair sums are added over processes, so every process
     gets the single-process result on all the pairs."""
     model.eval()
-    local_pairs = pairs[rank::world_size]  # may be empty when there are fewer pairs than processes
+    # this process's share (may be empty when there are fewer pairs than processes), sorted by length so that each
+    # micro-batch holds texts of similar length (less padding; the sums do not depend on the order)
+    local_pairs = sorted(pairs[rank::world_size], key=lambda pair: max(len(pair[0]), len(pair[1])))
     # sums over pairs of: loss, accuracy, reward gap, mean reward of the pair (chosen + rejected) / 2
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for i in range(0, len(local_pairs), micro_batch_size):
@@ -551,6 +590,9 @@ def main(args: Args):
         last_mlp = None
         if is_main:
             print(f"note: --trim-last-block is off: {type(model).__name__} fails its check ({problem})")
+    # one micro-batch of texts of mixed lengths is scored in a few forwards of similar lengths (less padding); on a
+    # GPU one wide forward keeps it busier (not measured yet: choose with --length-groups)
+    groups = args.length_groups or (1 if torch.device(device).type == "cuda" else 4)
     if start_step == 0 and eval_pairs:
         stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size,
                          share_prefix, last_mlp)
@@ -573,8 +615,8 @@ def main(args: Args):
             last = j + args.micro_batch_size == args.local_batch_size
             # DDP all-reduces the gradients once per step, in the last micro-batch's backward
             with ddp_model.no_sync() if world_size > 1 and not last else nullcontext():
-                chosen_rewards, rejected_rewards, margins = pair_rewards(ddp_model, micro_pairs, pad_id, device,
-                                                                         share_prefix, last_mlp)
+                chosen_rewards, rejected_rewards, margins = grouped_pair_rewards(
+                    ddp_model, micro_pairs, pad_id, device, groups, share_prefix=share_prefix, last_mlp=last_mlp)
                 loss = bradley_terry_loss(chosen_rewards, rejected_rewards, margins)
                 if args.center_rewards_coefficient:
                     center = center_rewards_loss(chosen_rewards, rejected_rewards)

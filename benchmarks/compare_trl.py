@@ -7,6 +7,7 @@ hyperparameters, alternating fresh processes (ours, TRL, ours, TRL, ...) so the 
     python benchmarks/compare_trl.py --task profile            # cProfile of ppo.py on the same configuration
     python benchmarks/compare_trl.py --task sft                # sft.py vs trl.SFTTrainer (tokens/s)
     python benchmarks/compare_trl.py --task reward             # reward.py vs trl.RewardTrainer (pairs/s)
+    python benchmarks/compare_trl.py --task reward --min-text-tokens 16   # texts of 16-124 tokens, mixed in a batch
     python benchmarks/compare_trl.py --task dpo --trl-python /tmp/trl116/bin/python   # dpo.py vs trl.DPOTrainer
     python benchmarks/compare_trl.py --task grpo --trl-python /tmp/trl116/bin/python --steps 30 --learning-rate 3e-4
                                                                 # grpo.py vs trl.GRPOTrainer (TRL 1.16)
@@ -49,6 +50,7 @@ import argparse
 import importlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -449,6 +451,10 @@ def compare_supervised(a, work: Path, task: str):
     else:
         pos = short_texts(tok, [r["text"] for r in pool if r["label"] == 1], cut, a.examples)
         neg = short_texts(tok, [r["text"] for r in pool if r["label"] == 0], cut, a.examples)
+        if task == "reward" and a.min_text_tokens:  # each text cut to its own length: batches hold mixed lengths
+            rng = random.Random(a.seed)
+            cut_at = lambda t: tok(t, add_special_tokens=False)["input_ids"][: rng.randint(a.min_text_tokens, cut)]  # noqa: E731
+            pos, neg = ([tok.decode(cut_at(t)) for t in texts] for texts in (pos, neg))
         records = [{"chosen": c, "rejected": r} for c, r in zip(pos, neg)]
         if task == "reward" and a.prompt_tokens:  # both texts after one shared prompt (another review's start)
             cut = a.max_seq_length - 4 - a.prompt_tokens
@@ -644,6 +650,8 @@ def main():
     p.add_argument("--max-seq-length", type=int, default=128, help="sft/reward: tokens per text")
     p.add_argument("--prompt-tokens", type=int, default=0, help="reward: the first this many tokens of each pair's "
                    "texts are a prompt both share (0: two unrelated reviews)")
+    p.add_argument("--min-text-tokens", type=int, default=0, help="reward without a prompt: each text is cut to a "
+                   "length drawn uniformly from this to --max-seq-length - 4 tokens (0: all that long)")
     p.add_argument("--prompts-per-step", type=int, default=32, help="grpo: prompts per generation batch")
     p.add_argument("--num-generations", type=int, default=8, help="grpo: completions per prompt (G)")
     p.add_argument("--max-completion-length", type=int, default=6, help="grpo: tokens per completion at most")

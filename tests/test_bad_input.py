@@ -117,6 +117,7 @@ CASES = [
     ("ppo.py", ["--learning-rate", "-1e-3"], "--learning-rate must be > 0"),
     ("sft.py", ["--learning-rate", "-1e-3"], "--learning-rate must be > 0"),
     ("reward.py", ["--batch-size", 0], "--batch-size must be > 0"),
+    ("reward.py", ["--length-groups", -1], "--length-groups must be >= 1, or 0 for the default"),
     ("ddpo.py", ["--num-epochs", 0], "--num-epochs must be > 0"),
     ("sft.py", ["--max-steps", 0], "--max-steps must be >= 1"),
     # prompt + response longer than the model's context (the tiny GPT-2 has 256 positions)

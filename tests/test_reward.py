@@ -2,9 +2,12 @@
 the score position, end-to-end runs (into ppo.py), resume, torchrun (2 processes against 1), bad input, and a
 learning test."""
 
+import itertools
 import json
 import math
+import random
 import shutil
+from functools import partial
 
 import datasets
 import pytest
@@ -15,8 +18,8 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 import reward
 import utils.rewards
 from conftest import ROOT, learning_seed, record_learning, run_script, torchrun
-from utils.assets import write_jsonl
-from utils.data import imdb, sentiment_pairs
+from utils.assets import read_jsonl, write_jsonl
+from utils.data import batch_indices, imdb, sentiment_pairs
 from utils.hub import UserError
 
 CPU = torch.device("cpu")
@@ -226,6 +229,66 @@ def test_shared_prefix_and_trimmed_last_block_match_whole_texts(assets, tmp_path
         for plain, fast in zip(results[False, False], results[key]):
             assert fast.shape == plain.shape and plain.abs().max() > 1e-3
             torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_length_groups_pad_the_fewest_tokens():
+    """Against every way of cutting the sorted lengths into at most K runs (brute force), on random lengths: the
+    same fewest tokens (each run padded to its longest, and one longest length more per run), every index once."""
+    def fewest(lengths, k_max):  # (tokens, runs) of the best cut, by trying every cut
+        s, n = sorted(lengths), len(lengths)
+        return min((sum((b[t + 1] - b[t]) * s[b[t + 1] - 1] for t in range(k)) + k * s[-1], k)
+                   for k in range(1, min(k_max, n) + 1)
+                   for b in ([0, *cuts, n] for cuts in itertools.combinations(range(1, n), k - 1)))
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths, k_max = [rng.randint(1, 20) for _ in range(rng.randint(1, 9))], rng.randint(1, 5)
+        runs = reward.length_groups(lengths, k_max)
+        assert sorted(i for run in runs for i in run) == list(range(len(lengths)))
+        assert all(lengths[i] <= lengths[j] for a, b in zip(runs, runs[1:]) for i in a for j in b)  # sorted runs
+        tokens = sum(len(run) * max(lengths[i] for i in run) for run in runs) + len(runs) * max(lengths)
+        assert (tokens, len(runs)) == fewest(lengths, k_max)
+    assert reward.length_groups([7, 7, 7], 4) == [[0, 1, 2]]  # nothing to save: one forward
+    assert reward.length_groups([3, 9, 4, 10], 2) == [[0, 2], [1, 3]]  # 26 + 20 tokens, not 40 + 10
+    assert reward.length_groups([3, 10, 10, 10], 2) == [[0, 1, 2, 3]]  # a cut would save 7 padded tokens, < 10
+    assert reward.length_groups([], 4) == []
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_pairs_scored_in_length_groups_match_one_forward(assets, share):
+    """grouped_pair_rewards gives the scores (in the pairs' order) and gradients of pair_rewards on all pairs in
+    one forward, with and without the shared prefix, while it runs one forward per group of similar lengths
+    (counted: else this compares a path with itself) and computes fewer tokens."""
+    tok = AutoTokenizer.from_pretrained(assets / "policy")
+    tok.pad_token = tok.eos_token
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = reward.load_model(reward.Args(model=str(assets / "policy")), tok, CPU).eval()
+    rng = random.Random(1)
+    words = "the film was great dull long short fun and awful a plot actor".split()
+    text = lambda n: "Review: " + " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    pairs = [(tok(text(n))["input_ids"], tok(text(n + rng.randint(-1, 3)))["input_ids"], 0.5 * i)
+             for i, n in enumerate([25, 2, 30, 3, 14, 28, 1, 9])]
+    n_runs = len(reward.length_groups([max(len(c), len(r)) for c, r, _ in pairs], 3))
+    assert n_runs > 1
+    forwards = []
+    model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"].shape), with_kwargs=True)
+    results, tokens = [], []
+    for groups in (None, 3):  # None: pair_rewards itself
+        model.zero_grad()
+        forwards.clear()
+        score = partial(reward.grouped_pair_rewards, max_groups=groups) if groups else reward.pair_rewards
+        chosen, rejected, margins = score(model, pairs, tok.pad_token_id, CPU, share_prefix=share)
+        (0.7 * chosen.sum() - 1.3 * rejected.sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((chosen.detach(), rejected.detach(), margins, grads))
+        # with a shared prefix each group's prefix runs outside the model's own forward (the unwrapped base here)
+        assert len(forwards) == (n_runs if groups else 1) * (2 if share else 1)
+        tokens.append(sum(rows * width for rows, width in forwards))  # real and padding
+    assert tokens[1] < 0.8 * tokens[0]
+    assert results[1][2].tolist() == [0.5 * i for i in range(len(pairs))]  # the margins, in the pairs' order
+    for one, grouped in zip(*results):
+        assert one.shape == grouped.shape and one.abs().max() > 1e-3
+        torch.testing.assert_close(grouped, one, rtol=1e-4, atol=1e-5)
 
 
 # Other decoder families, random and tiny (heads of 16 dims): how their blocks name and build the MLP varies
@@ -464,17 +527,22 @@ def test_check_args_splits_the_batch_over_processes():
 def ddp_runs(assets, pairs_file, tmp_path_factory):
     """The tiny GPT-2 backbone with dropout off (else each process draws its own masks), 6 steps of 8 pairs at a
     constant learning rate in one process ("one"); the same in 2 processes for 4 steps, then resumed in one
-    process for 2 more ("two"). Micro-batches of 2 pairs in both, so each micro-batch holds the same pairs, padded
+    process for 2 more ("two"). Micro-batches of 4 pairs in both, so each micro-batch holds the same pairs, padded
     alike: the forward passes are the same, only the order of the gradient sums differs (DDP's all-reduce vs
     accumulation). Texts are cut on the right, so each pair keeps its shared prompt, "Review: ", and is read through
-    the prompt's cache: under DDP the prompt's forward runs outside the wrapper. Returns (torchrun's
-    CompletedProcess, the two output folders)."""
+    the prompt's cache: under DDP the prompt's forward runs outside the wrapper. The texts are cut to 4-40 words,
+    so some micro-batches mix lengths enough to be scored in two forwards (--length-groups), the first also
+    outside the wrapper. Returns (torchrun's CompletedProcess, the two output folders)."""
     tmp = tmp_path_factory.mktemp("ddp")
+    rng, data = random.Random(0), tmp / "pairs.jsonl"
+    cut = lambda text, n: " ".join(text.split()[:n])  # noqa: E731
+    write_jsonl(data, [{**p, "chosen": cut(p["chosen"], n), "rejected": cut(p["rejected"], n)}  # both alike
+                       for p, n in ((p, rng.randint(4, 40)) for p in read_jsonl(pairs_file))])
     model = shutil.copytree(assets / "policy", tmp / "gpt2-no-dropout")
     config = json.loads((model / "config.json").read_text())
     config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     (model / "config.json").write_text(json.dumps(config))
-    common = dict(model=str(model), dataset=str(pairs_file), batch_size=8, max_seq_length=64, learning_rate=3e-3,
+    common = dict(model=str(model), dataset=str(data), batch_size=8, max_seq_length=64, learning_rate=3e-3,
                   lr_scheduler="constant", eval_fraction=0.2, eval_every=2, save_every=2, seed=3,
                   center_rewards_coefficient=0.01, truncation_side="right")
     tok = AutoTokenizer.from_pretrained(model)
@@ -484,11 +552,15 @@ def ddp_runs(assets, pairs_file, tmp_path_factory):
     # longest text W reads <= max shared + 2 x (W - 4) < 2 x W token positions through the cache: the shared path
     shared = [reward.shared_prefix_length(c, r, tok.pad_token_id) for c, r, _ in train]
     assert 4 <= min(shared) <= max(shared) < 8
-    reward.main(reward.Args(**common, output_dir=str(tmp / "one"), max_steps=6, gradient_accumulation_steps=4))
+    micro_batches = [[train[i] for i in batch_indices(step, 8, len(train), 3, 0, 1)[j : j + 4]]
+                     for step in range(6) for j in (0, 4)]
+    assert sum(len(reward.length_groups([max(len(c), len(r)) for c, r, _ in mb], 4)) > 1
+               for mb in micro_batches) == 3
+    reward.main(reward.Args(**common, output_dir=str(tmp / "one"), max_steps=6, gradient_accumulation_steps=2))
     flags = [x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", v)]
     proc = torchrun(ROOT / "reward.py", *flags, "--output-dir", tmp / "two", "--max-steps", 4,
-                    "--gradient-accumulation-steps", 2)
-    reward.main(reward.Args(**common, output_dir=str(tmp / "two"), max_steps=6, gradient_accumulation_steps=4,
+                    "--gradient-accumulation-steps", 1)
+    reward.main(reward.Args(**common, output_dir=str(tmp / "two"), max_steps=6, gradient_accumulation_steps=2,
                             resume=True))
     return proc, tmp / "one", tmp / "two"
 
