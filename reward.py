@@ -73,7 +73,7 @@ class Args:
     trim_last_block: bool = True
     """decoders: the last block's MLP runs only where the score is read (same scores; off under checkpointing)"""
     length_groups: int = 0
-    """forwards per micro-batch at most, each of pairs of similar length: less padding, same scores (0: CPU 4, GPU 1)"""
+    """most forwards per micro-batch, each of pairs of similar lengths: less padding, same scores (0: CPU 4, else 1)"""
     compile: bool = False
     """torch.compile the transformer blocks (a one-off compilation, then faster steps on GPU; needs a C++ compiler)"""
 
@@ -350,18 +350,23 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False, 
 def length_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
     """The indices of `lengths` sorted by length and cut into at most max_groups runs, each padded to its longest,
     at the cuts that compute the fewest tokens in all (real + padding), counting for each run one more item of the
-    longest length (a forward's fixed cost: a cut must save more than that in padding). Dynamic programming:
-    best[k, j] is the fewest tokens for the j shortest items in k runs, the last run being items i..j-1."""
+    longest length (a forward's fixed cost: a cut must save more than that in padding). Dynamic programming over
+    the sorted lengths: best[k, j] = (fewest tokens for the j shortest items in k runs, the index i where the last
+    of those runs starts: it holds items i..j-1)."""
+    if max_groups < 1:
+        raise ValueError(f"max_groups must be >= 1 (got {max_groups})")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sizes = [lengths[i] for i in order]
-    n, best = len(sizes), {(0, 0): (0, 0)}  # (runs, items) -> (tokens, where the last run starts)
+    sizes, n = [lengths[i] for i in order], len(lengths)
+    if n <= 1:
+        return [order] if n else []
+    best = {(0, 0): (0, 0)}
     for k in range(1, min(max_groups, n) + 1):
-        for j in range(k, n + 1):
+        for j in range(k, n + 1):  # (k - 1, i) not in best: no way to put i items in k - 1 runs (k = 1, i > 0)
             best[k, j] = min((best[k - 1, i][0] + (j - i) * sizes[j - 1], i) for i in range(k - 1, j)
                              if (k - 1, i) in best)
-    k = min(range(1, min(max_groups, n) + 1), key=lambda k: best[k, n][0] + k * sizes[-1]) if n else 0
+    n_runs = min(range(1, min(max_groups, n) + 1), key=lambda k: best[k, n][0] + k * sizes[-1])
     runs, j = [], n
-    for k in range(k, 0, -1):  # back from the last run
+    for k in range(n_runs, 0, -1):  # back from the last run
         i = best[k, j][1]
         runs.insert(0, order[i:j])
         j = i
@@ -591,8 +596,9 @@ def main(args: Args):
         if is_main:
             print(f"note: --trim-last-block is off: {type(model).__name__} fails its check ({problem})")
     # one micro-batch of texts of mixed lengths is scored in a few forwards of similar lengths (less padding); on a
-    # GPU one wide forward keeps it busier (not measured yet: choose with --length-groups)
-    groups = args.length_groups or (1 if torch.device(device).type == "cuda" else 4)
+    # GPU one wide forward keeps it busier (not measured yet: choose with --length-groups), and compiled blocks
+    # would recompile for the extra shapes
+    groups = args.length_groups or (1 if torch.device(device).type == "cuda" or args.compile else 4)
     if start_step == 0 and eval_pairs:
         stats = evaluate(model, eval_pairs, args.micro_batch_size, pad_id, device, rank, world_size,
                          share_prefix, last_mlp)

@@ -30,12 +30,14 @@ def update(policy_dir, world_size, fsdp, queries, responses, scores):
     ref = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     policy = ppo.PolicyAndValue(lm, lm.config.n_embd).eval()
     args = ppo.check_args(ppo.Args(batch_size=8, mini_batch_size=8, total_episodes=8, ppo_epochs=2,
-                                   learning_rate=1.0, fsdp=fsdp), world_size)
+                                   learning_rate=1.0, max_grad_norm=None, fsdp=fsdp), world_size)
     ones = torch.ones(1, 2, dtype=torch.long)
     wrapped = distribute(policy, torch.device("cpu"), fsdp, lms=(policy.lm, ref), units=(policy.v_head,),
                          example_inputs=(ones, ones, 1, 1.0))  # DDP, or FSDP in place
-    # SGD: Adam's first steps move each weight by ~lr x the sign of its gradient, so a gradient within float noise
-    # of 0, whose sign the order of the sums (1 or 2 processes) decides, moved it by +-lr (a failure seen once in CI)
+    # SGD without clipping: the update scales with the gradient, so gradients summed rather than averaged over the
+    # processes show (clipping, or Adam, would hide the scale). Adam's first steps also move each weight by ~lr x the
+    # sign of its gradient, so a gradient within float noise of 0, whose sign the order of the sums (1 or 2
+    # processes) decides, moved it by +-lr (a failure seen once in CI)
     optimizer = torch.optim.SGD(policy.parameters(), lr=args.learning_rate)
     kl_ctl = ppo.KLController(0.2, 6.0, 10000)
     stats = ppo.ppo_step(args, wrapped, ref, optimizer, queries, responses, scores, kl_ctl, ppo.RunningMoments(),

@@ -250,7 +250,9 @@ def test_length_groups_pad_the_fewest_tokens():
     assert reward.length_groups([7, 7, 7], 4) == [[0, 1, 2]]  # nothing to save: one forward
     assert reward.length_groups([3, 9, 4, 10], 2) == [[0, 2], [1, 3]]  # 26 + 20 tokens, not 40 + 10
     assert reward.length_groups([3, 10, 10, 10], 2) == [[0, 1, 2, 3]]  # a cut would save 7 padded tokens, < 10
-    assert reward.length_groups([], 4) == []
+    assert reward.length_groups([], 4) == [] and reward.length_groups([5], 4) == [[0]]
+    with pytest.raises(ValueError):
+        reward.length_groups([1, 2], 0)
 
 
 @pytest.mark.parametrize("share", [False, True])
@@ -552,10 +554,10 @@ def ddp_runs(assets, pairs_file, tmp_path_factory):
     # longest text W reads <= max shared + 2 x (W - 4) < 2 x W token positions through the cache: the shared path
     shared = [reward.shared_prefix_length(c, r, tok.pad_token_id) for c, r, _ in train]
     assert 4 <= min(shared) <= max(shared) < 8
+    # the 2-process steps (0-3) hold micro-batches scored in two forwards
     micro_batches = [[train[i] for i in batch_indices(step, 8, len(train), 3, 0, 1)[j : j + 4]]
-                     for step in range(6) for j in (0, 4)]
-    assert sum(len(reward.length_groups([max(len(c), len(r)) for c, r, _ in mb], 4)) > 1
-               for mb in micro_batches) == 3
+                     for step in range(4) for j in (0, 4)]
+    assert sum(len(reward.length_groups([max(len(c), len(r)) for c, r, _ in mb], 4)) > 1 for mb in micro_batches) == 2
     reward.main(reward.Args(**common, output_dir=str(tmp / "one"), max_steps=6, gradient_accumulation_steps=2))
     flags = [x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", v)]
     proc = torchrun(ROOT / "reward.py", *flags, "--output-dir", tmp / "two", "--max-steps", 4,
