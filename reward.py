@@ -305,6 +305,13 @@ def last_tokens(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return (positions * (input_ids != pad_id)).argmax(-1, keepdim=True)
 
 
+def text_rewards(model, texts, pad_id: int, device, last_mlp=None) -> torch.Tensor:
+    """The scores of `texts` (lists of token ids) read in one right-padded batch [texts]; last_mlp: see pair_rewards."""
+    input_ids, attention_mask = (t.to(device) for t in right_pad(tensors(texts), pad_id))
+    with autocast(device), mlp_only_at(last_mlp, last_tokens(input_ids, pad_id)):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
 def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False, last_mlp=None):
     """Score the chosen and the rejected texts of `pairs` in one batch. The classifier reads its score at the
     last token that is not config.pad_token_id (decoders) or at [CLS] (encoders), as ppo.py will.
@@ -323,9 +330,7 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False, 
     width = max(map(len, chosen + rejected))
     suffix_width = max(len(x) - n for c, r, n in zip(chosen, rejected, shared) for x in (c, r))
     if min(shared) == 0 or max(shared) + 2 * suffix_width >= 2 * width:  # tokens per pair, padding included
-        input_ids, attention_mask = (t.to(device) for t in right_pad(tensors(chosen + rejected), pad_id))
-        with autocast(device), mlp_only_at(last_mlp, last_tokens(input_ids, pad_id)):
-            rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        rewards = text_rewards(model, chosen + rejected, pad_id, device, last_mlp)
         return rewards[: len(pairs)], rewards[len(pairs) :], margins
     # the prefixes, left-padded, and after each its two continuations, right-padded: rows chosen 0, rejected 0, ...
     prefix_ids, prefix_mask = (t.to(device) for t in left_pad(tensors(c[:n] for c, n in zip(chosen, shared)), pad_id))
@@ -352,7 +357,7 @@ def length_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
     at the cuts that compute the fewest tokens in all (real + padding), counting for each run one more item of the
     longest length (a forward's fixed cost: a cut must save more than that in padding). Dynamic programming over
     the sorted lengths: best[k, j] = (fewest tokens for the j shortest items in k runs, the index i where the last
-    of those runs starts: it holds items i..j-1)."""
+    of those runs starts: it holds items i..j-1). One run keeps the order given."""
     if max_groups < 1:
         raise ValueError(f"max_groups must be >= 1 (got {max_groups})")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -365,6 +370,8 @@ def length_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
             best[k, j] = min((best[k - 1, i][0] + (j - i) * sizes[j - 1], i) for i in range(k - 1, j)
                              if (k - 1, i) in best)
     n_runs = min(range(1, min(max_groups, n) + 1), key=lambda k: best[k, n][0] + k * sizes[-1])
+    if n_runs == 1:
+        return [list(range(n))]  # one run keeps the order given
     runs, j = [], n
     for k in range(n_runs, 0, -1):  # back from the last run
         i = best[k, j][1]
@@ -373,16 +380,27 @@ def length_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
     return runs
 
 
-def grouped_pair_rewards(model, pairs, pad_id: int, device, max_groups: int = 1, **shortcuts):
-    """pair_rewards of `pairs`, in their order, scored in up to max_groups forwards of pairs of similar length
-    (length_groups on each pair's longer text): the same scores and gradients as one forward, since padding changes
-    no score, for fewer padded tokens when lengths differ. All groups but the last skip DDP's wrapper (one DDP
-    forward per backward, as pair_rewards does for the prefix); the gradients through them still reach its hooks."""
-    runs = length_groups([max(len(c), len(r)) for c, r, _ in pairs], max_groups)
-    scored = [pair_rewards(model if k == len(runs) - 1 else unwrap(model), [pairs[i] for i in run], pad_id, device,
-                           **shortcuts) for k, run in enumerate(runs)]
-    inverse = torch.tensor([i for run in runs for i in run], device=device).argsort()  # back to the pairs' order
-    return tuple(torch.cat(parts)[inverse] for parts in zip(*scored))
+def grouped_pair_rewards(model, pairs, pad_id: int, device, max_groups: int = 1, share_prefix: bool = False,
+                         last_mlp=None):
+    """pair_rewards of `pairs`, in their order, scored in up to max_groups forwards of texts of similar length
+    (length_groups): the same scores and gradients as one forward, since padding changes no score, for fewer padded
+    tokens when lengths differ. Texts are grouped one by one, or pair by pair (on the longer text) where every pair
+    shares a start read once (share_prefix). All forwards but the last skip DDP's wrapper (one DDP forward per
+    backward, as pair_rewards does for the prefix); the gradients through them still reach its hooks."""
+    wrapper = lambda k, runs: model if k == len(runs) - 1 else unwrap(model)  # noqa: E731
+    margins = torch.tensor([p[2] for p in pairs], device=device)
+    if share_prefix and all(shared_prefix_length(c, r, pad_id) for c, r, _ in pairs):
+        runs = length_groups([max(len(c), len(r)) for c, r, _ in pairs], max_groups)
+        scored = [pair_rewards(wrapper(k, runs), [pairs[i] for i in run], pad_id, device, True, last_mlp)
+                  for k, run in enumerate(runs)]
+        inverse = torch.tensor([i for run in runs for i in run], device=device).argsort()  # back to the pairs' order
+        return torch.cat([x[0] for x in scored])[inverse], torch.cat([x[1] for x in scored])[inverse], margins
+    texts = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
+    runs = length_groups([len(t) for t in texts], max_groups)
+    rewards = torch.cat([text_rewards(wrapper(k, runs), [texts[i] for i in run], pad_id, device, last_mlp)
+                         for k, run in enumerate(runs)])
+    rewards = rewards[torch.tensor([i for run in runs for i in run], device=device).argsort()]  # the texts' order
+    return rewards[: len(pairs)], rewards[len(pairs) :], margins
 
 
 @torch.no_grad()

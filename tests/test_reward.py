@@ -258,8 +258,9 @@ def test_length_groups_pad_the_fewest_tokens():
 @pytest.mark.parametrize("share", [False, True])
 def test_pairs_scored_in_length_groups_match_one_forward(assets, share):
     """grouped_pair_rewards gives the scores (in the pairs' order) and gradients of pair_rewards on all pairs in
-    one forward, with and without the shared prefix, while it runs one forward per group of similar lengths
-    (counted: else this compares a path with itself) and computes fewer tokens."""
+    one forward, with the shared prefix (pairs grouped whole) and without (texts grouped one by one), while it runs
+    one forward per group of similar lengths (counted: else this compares a path with itself) and computes fewer
+    tokens."""
     tok = AutoTokenizer.from_pretrained(assets / "policy")
     tok.pad_token = tok.eos_token
     with torch.random.fork_rng():
@@ -270,7 +271,9 @@ def test_pairs_scored_in_length_groups_match_one_forward(assets, share):
     text = lambda n: "Review: " + " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
     pairs = [(tok(text(n))["input_ids"], tok(text(n + rng.randint(-1, 3)))["input_ids"], 0.5 * i)
              for i, n in enumerate([25, 2, 30, 3, 14, 28, 1, 9])]
-    n_runs = len(reward.length_groups([max(len(c), len(r)) for c, r, _ in pairs], 3))
+    # with a shared prefix the pairs are grouped whole (on the longer text); else the texts one by one
+    lengths = [max(len(c), len(r)) for c, r, _ in pairs] if share else [len(x) for p in pairs for x in p[:2]]
+    n_runs = len(reward.length_groups(lengths, 3))
     assert n_runs > 1
     forwards = []
     model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"].shape), with_kwargs=True)
