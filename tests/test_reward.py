@@ -534,15 +534,17 @@ def ddp_runs(assets, pairs_file, tmp_path_factory):
     constant learning rate in one process ("one"); the same in 2 processes for 4 steps, then resumed in one
     process for 2 more ("two"). Micro-batches of 4 pairs in both, so each micro-batch holds the same pairs, padded
     alike: the forward passes are the same, only the order of the gradient sums differs (DDP's all-reduce vs
-    accumulation). Texts are cut on the right, so each pair keeps its shared prompt, "Review: ", and is read through
-    the prompt's cache: under DDP the prompt's forward runs outside the wrapper. The texts are cut to 4-40 words,
-    so some micro-batches mix lengths enough to be scored in two forwards (--length-groups), the first also
-    outside the wrapper. Returns (torchrun's CompletedProcess, the two output folders)."""
+    accumulation). Texts are cut on the right, so a pair keeps its shared prompt, "Review: ", and is read through
+    the prompt's cache: under DDP the prompt's forward runs outside the wrapper. Every fourth pair has no prompt, so
+    a micro-batch holding one reads whole texts. The texts are cut to 4-40 words, so some micro-batches mix lengths
+    enough to be scored in two forwards (--length-groups: whole pairs where all share a prompt, else texts one by
+    one), the first also outside the wrapper. Returns (torchrun's CompletedProcess, the two output folders)."""
     tmp = tmp_path_factory.mktemp("ddp")
     rng, data = random.Random(0), tmp / "pairs.jsonl"
     cut = lambda text, n: " ".join(text.split()[:n])  # noqa: E731
-    write_jsonl(data, [{**p, "chosen": cut(p["chosen"], n), "rejected": cut(p["rejected"], n)}  # both alike
-                       for p, n in ((p, rng.randint(4, 40)) for p in read_jsonl(pairs_file))])
+    rows = [{**p, "chosen": cut(p["chosen"], n), "rejected": cut(p["rejected"], n)}  # both alike
+            for p, n in ((p, rng.randint(4, 40)) for p in read_jsonl(pairs_file))]
+    write_jsonl(data, [{k: v for k, v in row.items() if k != "prompt" or i % 4} for i, row in enumerate(rows)])
     model = shutil.copytree(assets / "policy", tmp / "gpt2-no-dropout")
     config = json.loads((model / "config.json").read_text())
     config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -553,14 +555,20 @@ def ddp_runs(assets, pairs_file, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(model)
     tok.pad_token, tok.truncation_side = tok.eos_token, "right"
     train, _ = reward.load_pairs(reward.Args(**common), tok, 64, verbose=False)
-    # every pair shares its 4 prompt tokens (a few more where the reviews start alike), so every micro-batch of
-    # longest text W reads <= max shared + 2 x (W - 4) < 2 x W token positions through the cache: the shared path
+    # a pair with the prompt shares its 4 tokens (a few more where the reviews start alike), so a micro-batch of
+    # such pairs, longest text W, reads <= max shared + 2 x (W - 4) < 2 x W token positions through the cache
     shared = [reward.shared_prefix_length(c, r, tok.pad_token_id) for c, r, _ in train]
-    assert 4 <= min(shared) <= max(shared) < 8
-    # the 2-process steps (0-3) hold micro-batches scored in two forwards
-    micro_batches = [[train[i] for i in batch_indices(step, 8, len(train), 3, 0, 1)[j : j + 4]]
-                     for step in range(4) for j in (0, 4)]
-    assert sum(len(reward.length_groups([max(len(c), len(r)) for c, r, _ in mb], 4)) > 1 for mb in micro_batches) == 2
+    assert max(shared) < 8 and 0 < sum(n == 0 for n in shared) < len(shared) / 3
+    # the 2-process steps (0-3) hold micro-batches scored in two forwards, on both paths: P (whole pairs read
+    # through their prompt's cache) and T (texts one by one)
+    paths = []
+    for step in range(4):
+        for j in (0, 4):
+            mb = [train[i] for i in batch_indices(step, 8, len(train), 3, 0, 1)[j : j + 4]]
+            share = all(reward.shared_prefix_length(c, r, tok.pad_token_id) for c, r, _ in mb)
+            lengths = [max(len(c), len(r)) for c, r, _ in mb] if share else [len(x) for p in mb for x in p[:2]]
+            paths.append(("P" if share else "T") + str(len(reward.length_groups(lengths, 4))))
+    assert "P2" in paths and "T2" in paths, paths
     reward.main(reward.Args(**common, output_dir=str(tmp / "one"), max_steps=6, gradient_accumulation_steps=2))
     flags = [x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", v)]
     proc = torchrun(ROOT / "reward.py", *flags, "--output-dir", tmp / "two", "--max-steps", 4,
