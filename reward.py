@@ -71,9 +71,9 @@ class Args:
     share_prefix: bool = True
     """decoders: read the tokens both texts of a pair start with (the prompt) once (exact; off under checkpointing)"""
     trim_last_block: bool = True
-    """decoders: the last block's MLP runs only where the score is read (same scores; off under checkpointing)"""
+    """decoders: the last block's MLP runs only where the score is read (same scores; off: checkpointing, --compile)"""
     length_groups: int = 0
-    """most forwards per micro-batch, each of pairs of similar lengths: less padding, same scores (0: CPU 4, else 1)"""
+    """most forwards per micro-batch, each of texts of similar length: less padding, same scores (0: CPU 4, else 1)"""
     compile: bool = False
     """torch.compile the transformer blocks (a one-off compilation, then faster steps on GPU; needs a C++ compiler)"""
 
@@ -360,10 +360,10 @@ def length_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
     of those runs starts: it holds items i..j-1). One run keeps the order given."""
     if max_groups < 1:
         raise ValueError(f"max_groups must be >= 1 (got {max_groups})")
+    if not lengths:
+        return []
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     sizes, n = [lengths[i] for i in order], len(lengths)
-    if n <= 1:
-        return [order] if n else []
     best = {(0, 0): (0, 0)}
     for k in range(1, min(max_groups, n) + 1):
         for j in range(k, n + 1):  # (k - 1, i) not in best: no way to put i items in k - 1 runs (k = 1, i > 0)
@@ -389,18 +389,18 @@ def grouped_pair_rewards(model, pairs, pad_id: int, device, max_groups: int = 1,
     backward, as pair_rewards does for the prefix); the gradients through them still reach its hooks."""
     wrapper = lambda k, runs: model if k == len(runs) - 1 else unwrap(model)  # noqa: E731
     margins = torch.tensor([p[2] for p in pairs], device=device)
-    if share_prefix and all(shared_prefix_length(c, r, pad_id) for c, r, _ in pairs):
+    if share_prefix and all(shared_prefix_length(c, r, pad_id) for c, r, _ in pairs):  # items: pairs -> [run, 2]
         runs = length_groups([max(len(c), len(r)) for c, r, _ in pairs], max_groups)
-        scored = [pair_rewards(wrapper(k, runs), [pairs[i] for i in run], pad_id, device, True, last_mlp)
+        scored = [torch.stack(pair_rewards(wrapper(k, runs), [pairs[i] for i in run], pad_id, device, True,
+                                           last_mlp)[:2], 1) for k, run in enumerate(runs)]
+    else:  # items: texts, all chosen then all rejected -> [run]
+        texts = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
+        runs = length_groups([len(t) for t in texts], max_groups)
+        scored = [text_rewards(wrapper(k, runs), [texts[i] for i in run], pad_id, device, last_mlp)
                   for k, run in enumerate(runs)]
-        inverse = torch.tensor([i for run in runs for i in run], device=device).argsort()  # back to the pairs' order
-        return torch.cat([x[0] for x in scored])[inverse], torch.cat([x[1] for x in scored])[inverse], margins
-    texts = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
-    runs = length_groups([len(t) for t in texts], max_groups)
-    rewards = torch.cat([text_rewards(wrapper(k, runs), [texts[i] for i in run], pad_id, device, last_mlp)
-                         for k, run in enumerate(runs)])
-    rewards = rewards[torch.tensor([i for run in runs for i in run], device=device).argsort()]  # the texts' order
-    return rewards[: len(pairs)], rewards[len(pairs) :], margins
+    rewards = torch.cat(scored)[torch.tensor([i for run in runs for i in run], device=device).argsort()]  # items' order
+    chosen, rejected = rewards.unbind(1) if rewards.dim() == 2 else rewards.view(2, -1)
+    return chosen, rejected, margins
 
 
 @torch.no_grad()
