@@ -30,8 +30,8 @@ from utils.data import batch_indices
 from utils.distributed import distribute, distributed, finish, init_distributed, mean_over_processes, unwrap
 from utils.hub import (UserError, check_paths, check_tokenizer, from_pretrained, load_dataset, quiet_libraries,
                        quiet_load_report)
-from utils.models import (add_lora, block_list, check_dtype, check_quantize, compile_blocks, fuse_gelu,
-                          quantization, weights_dtype)
+from utils.models import (add_lora, block_list, check_dtype, check_quantize, compile_blocks, disable_dropout,
+                          fuse_gelu, quantization, weights_dtype)
 from utils.prompts import left_pad, right_pad
 from utils.runtime import (Tracker, autocast, check_positive, cli, exact_div, learning_rate_at, peak_memory_mb,
                            prepare_output_dir)
@@ -120,6 +120,8 @@ class Args:
     """clip the gradient norm to this value (None: no clipping)"""
     eval_every: int = 100
     """evaluate every this many steps (also before the first step and at the end; 0: only those two)"""
+    disable_dropout: bool = True
+    """model dropout off (TRL's default): texts are scored in training as in evaluation and PPO (LoRA's stays)"""
 
     # LoRA (peft)
     lora_r: int = 0
@@ -319,7 +321,7 @@ def pair_rewards(model, pairs, pad_id: int, device, share_prefix: bool = False, 
     share_prefix (causal models only): the tokens a pair's two texts start with (its prompt) are read once, and
     both continuations attend to their cached keys/values: the same scores as reading the two whole texts (the
     gradients reach the prefix through the cache) for less compute, used when the padded shapes say it is less.
-    In training the prefix then draws one dropout mask for both texts.
+    With dropout on (--no-disable-dropout), the prefix draws one dropout mask for both texts in training.
 
     last_mlp (from last_block_mlp): the last block's MLP runs at the scored tokens only (mlp_only_at), and not at
     all over the shared prefixes, whose last block only gives keys and values. Returns chosen_rewards,
@@ -527,7 +529,7 @@ def load_model(args: Args, tokenizer, device, verbose: bool = True, config=None)
     # Decoder classifiers (GPT-2, Llama, ...) read the score at the last token that is not config.pad_token_id;
     # left unset or different from the tokenizer's, the score would be read at a pad token or fail for batches.
     model.config.pad_token_id = tokenizer.pad_token_id
-    fuse_gelu(model)  # speed only: the same function as the model's own
+    fuse_gelu(disable_dropout(model) if args.disable_dropout else model)  # the GELU swap is for speed only
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")

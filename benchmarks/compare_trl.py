@@ -432,8 +432,8 @@ def compare_supervised(a, work: Path, task: str):
     (tiny/policy unless --policy; a fresh 1-output head for reward), the same texts (IMDB reviews cut to
     --max-seq-length - 4 tokens; pairs: a positive review chosen over a negative one; for DPO after the prompt
     "Review:"), batch, steps, constant learning rate, AdamW without weight decay, gradient clipping at 1.0, fp32, no
-    packing, no gradient checkpointing, no evaluation. Dropout as the model's config for SFT and reward (TRL's
-    RewardTrainer disables it by default: turned back on to match reward.py); off for DPO (both sides' default).
+    packing, no gradient checkpointing, no evaluation. Dropout as the model's config for SFT; off for reward and DPO
+    (both sides' defaults; --extra --no-disable-dropout turns it on for reward on both sides).
     DPO: sigmoid loss, beta 0.1, a live reference copy on both sides."""
     script = ROOT / f"{task}.py"
     if not script.exists():
@@ -508,7 +508,8 @@ def compare_supervised(a, work: Path, task: str):
                 cfg = dict(task=task, policy=str(a.policy), dataset=str(data), output_dir=str(out), device=a.device,
                            seed=a.seed, threads=a.threads, batch_size=a.batch_size, steps=a.steps,
                            max_seq_length=a.max_seq_length, learning_rate=a.learning_rate, max_grad_norm=1.0,
-                           max_examples=len(records), packing=False, beta=0.1)
+                           max_examples=len(records), packing=False, beta=0.1,
+                           disable_dropout="--no-disable-dropout" not in a.extra)  # reward: as ours
                 cfg_path, result_path = work / f"{task}-trl-{r}.json", work / f"{task}-trl-{r}.result.json"
                 cfg_path.write_text(json.dumps(cfg))
                 child = run_child([a.trl_python, str(TRL_RUNNER), str(cfg_path), str(result_path)],

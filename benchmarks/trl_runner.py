@@ -217,7 +217,7 @@ def run_reward(cfg):
         gradient_accumulation_steps=1, max_steps=cfg["steps"], learning_rate=cfg["learning_rate"],
         lr_scheduler_type="constant", max_length=cfg["max_seq_length"], save_strategy="no", logging_steps=1,
         disable_tqdm=True, dataloader_num_workers=0, use_cpu=cfg["device"] == "cpu", eval_strategy="no",
-        max_grad_norm=cfg["max_grad_norm"], disable_dropout=False,  # reward.py trains with the config's dropout
+        max_grad_norm=cfg["max_grad_norm"], disable_dropout=cfg.get("disable_dropout", True),  # as reward.py
     )
     clock = step_clock()
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,

@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import random
-import shutil
 from functools import partial
 
 import datasets
@@ -496,6 +495,33 @@ def test_lora_on_a_gpt2_backbone_merges_with_its_trained_head(assets, tmp_path, 
     assert not torch.equal(model.score.weight, fresh.score.weight)  # the head was trained and saved
 
 
+def test_dropout_is_off_by_default_and_lora_keeps_its_own(assets):
+    """--disable-dropout (default, as TRL's RewardTrainer): the model's dropout is off, so a training-mode forward
+    gives the scores of evaluation; --no-disable-dropout keeps the config's (0.1 in the tiny GPT-2), and the LoRA
+    branch keeps --lora-dropout either way."""
+    tok = AutoTokenizer.from_pretrained(assets / "policy")
+    tok.pad_token = tok.eos_token
+    pairs = [(tok("A fine film, well acted.")["input_ids"], tok("Dull.")["input_ids"], 0.0)] * 4
+
+    def load(**kw):
+        torch.manual_seed(0)
+        return reward.load_model(reward.Args(model=str(assets / "policy"), **kw), tok, CPU, verbose=False)
+
+    def dropouts(model, lora: bool):
+        return {m.p for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Dropout) and ("lora_dropout" in name) == lora}
+
+    off, on = load(), load(disable_dropout=False)
+    assert dropouts(off, lora=False) == {0.0} and dropouts(on, lora=False) == {0.1}
+    scores = lambda model: torch.cat(reward.pair_rewards(model, pairs, tok.pad_token_id, CPU)[:2])  # noqa: E731
+    off.eval(), on.eval()
+    evaluation = scores(off)
+    assert torch.equal(scores(on), evaluation)  # same weights (same seed): only dropout differs
+    off.train(), on.train()
+    assert torch.allclose(scores(off), evaluation) and not torch.allclose(scores(on), evaluation)
+    assert dropouts(load(lora_r=2, lora_dropout=0.05), lora=True) == {0.05}
+
+
 def test_resume_after_a_crash_continues_exactly(assets, tmp_path, pairs_file, monkeypatch):
     reward.main(tiny_args(assets, tmp_path / "whole", pairs_file))
     real_save = reward.save_checkpoint
@@ -530,10 +556,10 @@ def test_check_args_splits_the_batch_over_processes():
 
 @pytest.fixture(scope="module")
 def ddp_runs(assets, pairs_file, tmp_path_factory):
-    """The tiny GPT-2 backbone with dropout off (else each process draws its own masks), 6 steps of 8 pairs at a
-    constant learning rate in one process ("one"); the same in 2 processes for 4 steps, then resumed in one
-    process for 2 more ("two"). Micro-batches of 4 pairs in both, so each micro-batch holds the same pairs, padded
-    alike: the forward passes are the same, only the order of the gradient sums differs (DDP's all-reduce vs
+    """The tiny GPT-2 backbone (dropout off, reward.py's default: else each process draws its own masks), 6 steps
+    of 8 pairs at a constant learning rate in one process ("one"); the same in 2 processes for 4 steps, then resumed
+    in one process for 2 more ("two"). Micro-batches of 4 pairs in both, so each micro-batch holds the same pairs,
+    padded alike: the forward passes are the same, only the order of the gradient sums differs (DDP's all-reduce vs
     accumulation). Texts are cut on the right, so a pair keeps its shared prompt, "Review: ", and is read through
     the prompt's cache: under DDP the prompt's forward runs outside the wrapper. Every fourth pair has no prompt, so
     a micro-batch holding one reads whole texts. The texts are cut to 4-40 words, so some micro-batches mix lengths
@@ -545,10 +571,7 @@ def ddp_runs(assets, pairs_file, tmp_path_factory):
     rows = [{**p, "chosen": cut(p["chosen"], n), "rejected": cut(p["rejected"], n)}  # both alike
             for p, n in ((p, rng.randint(4, 40)) for p in read_jsonl(pairs_file))]
     write_jsonl(data, [{k: v for k, v in row.items() if k != "prompt" or i % 4} for i, row in enumerate(rows)])
-    model = shutil.copytree(assets / "policy", tmp / "gpt2-no-dropout")
-    config = json.loads((model / "config.json").read_text())
-    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    (model / "config.json").write_text(json.dumps(config))
+    model = assets / "policy"
     common = dict(model=str(model), dataset=str(data), batch_size=8, max_seq_length=64, learning_rate=3e-3,
                   lr_scheduler="constant", eval_fraction=0.2, eval_every=2, save_every=2, seed=3,
                   center_rewards_coefficient=0.01, truncation_side="right")
