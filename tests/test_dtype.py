@@ -95,22 +95,47 @@ def test_lora_over_a_float16_base_trains_float32_adapters(assets, tmp_path, file
     assert finite(metrics) and metrics[-1]["eval/rewards/margins"] != 0.0
 
 
-# ddpo.py: the UNet is trained (with LoRA: its base is frozen), the VAE and the text encoder are frozen ----------------
+# What --dtype auto picks on a bf16 GPU, pretended on the CPU ----------------------------------------------------------
 CPU = torch.device("cpu")
 F32, BF16 = {torch.float32}, {torch.bfloat16}
+
+
+def pretend_bf16_gpu(monkeypatch, module):
+    """The script's 'auto' picks as on a CUDA GPU with bf16, for a run on the CPU (which then computes in mixed dtypes
+    without autocast: stricter than the GPU, whose autocast casts every matmul's inputs)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(module, "weights_dtype", lambda name, device, trained=True:
+                        weights_dtype(name, torch.device("cuda"), trained))
+
+
+@pytest.mark.parametrize("script", ["ppo", "ppo_seq2seq", "grpo", "dpo"])
+def test_auto_on_a_gpu_freezes_the_reference_and_reward_model_in_bfloat16(assets, tmp_path, files, monkeypatch,
+                                                                          script):
+    """--dtype auto on a bf16 GPU: the policy trains in float32, its frozen reference copy (and the reward model)
+    load in bfloat16; and a run in those mixed dtypes trains (on the CPU, with no autocast to cast between them)."""
+    module, make = {"ppo": (ppo, lambda **kw: ppo_args(assets, tmp_path, total_episodes=8, **kw)),
+                    "ppo_seq2seq": (ppo_seq2seq, lambda **kw: s2s_args(assets, tmp_path, total_episodes=8, **kw)),
+                    "grpo": (grpo, lambda **kw: grpo_args(assets, tmp_path, num_steps=2, beta=0.1,
+                                                           reward_model=str(assets / "reward"), **kw)),
+                    "dpo": (dpo, lambda **kw: dpo_args(assets, files, tmp_path, max_steps=2, **kw))}[script]
+    pretend_bf16_gpu(monkeypatch, module)
+    policy, _, ref_lm = module.make_policy(module.check_args(make()), CPU, None)
+    assert {p.dtype for p in policy.parameters()} == F32 and {p.dtype for p in ref_lm.parameters()} == BF16
+    loaded, real_reward_model = [], getattr(module, "RewardModel", None)  # the RL scripts' reward model
+    monkeypatch.setattr(module, "RewardModel", lambda *a, **k: loaded.append(real_reward_model(*a, **k)) or loaded[-1],
+                        raising=False)
+    metrics = [json.loads(line) for line in open(module.main(make()))]
+    assert metrics and finite(metrics), metrics
+    assert [{p.dtype for p in r.model.parameters()} for r in loaded] == ([] if script == "dpo" else [BF16])
+    assert saved_dtypes(tmp_path / "run") == F32
+
+
+# ddpo.py: the UNet is trained (with LoRA: its base is frozen), the VAE and the text encoder are frozen ----------------
 
 
 @pytest.fixture
 def tiny_model():
     return str(tiny_sd.build(Path(__file__).resolve().parent.parent / "tiny" / "sd"))
-
-
-def pretend_bf16_gpu(monkeypatch):
-    """ddpo.py's 'auto' picks as on a CUDA GPU with bf16, for a run on the CPU (which then computes in mixed dtypes
-    without autocast: stricter than the GPU, whose autocast casts every matmul's inputs)."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    monkeypatch.setattr(ddpo, "weights_dtype", lambda name, device, trained=True:
-                        weights_dtype(name, torch.device("cuda"), trained))
 
 
 def part_dtypes(pipe) -> dict:
@@ -131,7 +156,7 @@ def test_ddpo_auto_dtype_per_part(tiny_model, tmp_path, monkeypatch, lora_r):
     pipe, _, _ = ddpo.load_pipeline(ddpo_args(tiny_model, tmp_path / "run", lora_r=lora_r), CPU)
     assert part_dtypes(pipe) == {"vae": F32, "text_encoder": F32, "unet_trained": F32,
                                  "unet_frozen": F32 if lora_r else set()}
-    pretend_bf16_gpu(monkeypatch)
+    pretend_bf16_gpu(monkeypatch, ddpo)
     pipe, _, _ = ddpo.load_pipeline(ddpo_args(tiny_model, tmp_path / "run", lora_r=lora_r), CPU)
     assert part_dtypes(pipe) == {"vae": BF16, "text_encoder": BF16, "unet_trained": F32,
                                  "unet_frozen": BF16 if lora_r else set()}
@@ -158,7 +183,7 @@ def test_ddpo_full_unet_under_gpu_auto_saves_one_dtype(tiny_model, tmp_path, mon
     text encoder the model's own (not bf16-rounded), and it samples with diffusers."""
     from diffusers import DiffusionPipeline
 
-    pretend_bf16_gpu(monkeypatch)
+    pretend_bf16_gpu(monkeypatch, ddpo)
     ddpo.main(ddpo_args(tiny_model, tmp_path / "run", num_epochs=1, lora_r=0, learning_rate=1e-2))
     assert finite(ddpo_metrics(tmp_path / "run"))
     saved, base = DiffusionPipeline.from_pretrained(tmp_path / "run"), DiffusionPipeline.from_pretrained(tiny_model)

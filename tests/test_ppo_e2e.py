@@ -44,6 +44,11 @@ def test_cli_run_saves_loadable_checkpoint(assets, tmp_path):
     assert set(load_file(out / "value_head.safetensors")) == {"weight", "bias"}
     assert (out / "checkpoint" / "training_state.pt").exists()
     assert list((out / "wandb").glob("offline-run-*"))  # --track logged (WANDB_MODE=offline in tests)
+    tables = sorted((out / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json"))
+    assert len(tables) == 2  # the sample table of each iteration, as a wandb Table
+    table, samples = json.loads(tables[0].read_text()), read_metrics(out / "samples.jsonl")
+    assert table["columns"] == [k for k in samples[0] if k != "iteration"]
+    assert table["data"] == [[row[c] for c in table["columns"]] for row in samples if row["iteration"] == 1]
     # the trained weights differ from the initial ones: the run really updated the policy
     initial = AutoModelForCausalLM.from_pretrained(assets / "policy")
     assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, initial.transformer.h[0].mlp.c_fc.weight)
@@ -200,23 +205,26 @@ def test_prompts_keep_the_bos_token_the_policy_was_trained_with(assets):
     assert ppo.build_prompts(data, plain, "text", 3, 3, seed=0)[0].tolist() == plain(texts[0])["input_ids"][:3]
 
 
-def test_chat_prompts_and_the_reward_model_reads_the_conversation(assets, tmp_path, monkeypatch):
-    """A dataset of chat messages: prompts are rendered with the tokenizer's chat template and its generation prompt
-    (whole, as sft.py trains chats), and the reward model reads the conversation with the response as the
-    assistant's turn (what reward.py trains on chat pairs), rendered with its own template or, lacking one, the
-    policy's."""
+@pytest.mark.parametrize("column", ["messages", "prompt"])
+def test_chat_prompts_and_the_reward_model_reads_the_conversation(assets, tmp_path, monkeypatch, column):
+    """A dataset of chat messages, or a prompt column of texts with --chat-prompts (each text the user's one turn):
+    prompts are rendered with the tokenizer's chat template and its generation prompt (whole, as sft.py trains
+    chats), and the reward model reads the conversation with the response as the assistant's turn (what reward.py
+    trains on chat pairs), rendered with its own template or, lacking one, the policy's."""
     from conftest import chat_policy
     from utils.assets import write_jsonl
     from utils.rewards import RewardModel
 
     model_dir, _ = chat_policy(assets, tmp_path / "chat_policy", turn_end="|")
     topics = ["a comedy", "a thriller", "a cartoon", "a documentary"]
-    write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": f"Review {t}."}]} for t in topics])
+    rows = [{"messages": [{"role": "user", "content": f"Review {t}."}], "prompt": f"Review {t}."} for t in topics]
+    write_jsonl(tmp_path / "chats.jsonl", [{column: row[column]} for row in rows])
     seen = []
     real_call = RewardModel.__call__
     monkeypatch.setattr(RewardModel, "__call__", lambda self, texts, n: seen.extend(texts) or real_call(self, texts, n))
     ppo.main(tiny_args(assets, tmp_path, model=str(model_dir), dataset=str(tmp_path / "chats.jsonl"),
-                       dataset_text_field="messages", prompt_max_tokens=64, total_episodes=8, sample_every=1))
+                       dataset_text_field=column, chat_prompts=column == "prompt", prompt_max_tokens=64,
+                       total_episodes=8, sample_every=1))
     samples = read_metrics(tmp_path / "run/samples.jsonl")
     assert {s["prompt"] for s in samples} <= {f"<user>Review {t}.|<assistant>" for t in topics}
     assert len(seen) == 8 and all(text.startswith("<user>Review ") and text.endswith("|") for text in seen)
