@@ -529,7 +529,9 @@ def load_model(args: Args, tokenizer, device, verbose: bool = True, config=None)
     # Decoder classifiers (GPT-2, Llama, ...) read the score at the last token that is not config.pad_token_id;
     # left unset or different from the tokenizer's, the score would be read at a pad token or fail for batches.
     model.config.pad_token_id = tokenizer.pad_token_id
-    fuse_gelu(disable_dropout(model) if args.disable_dropout else model)  # the GELU swap is for speed only
+    if args.disable_dropout:  # before LoRA: --lora-dropout stays as asked
+        disable_dropout(model)
+    fuse_gelu(model)  # speed only: the same function as the model's own
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
