@@ -1,12 +1,14 @@
 """ppo.py run end to end as a user runs it, its checkpoints and resume, bad input, and a learning test."""
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ppo
 from conftest import learning_seed, record_learning, run_script
@@ -205,28 +207,36 @@ def test_prompts_keep_the_bos_token_the_policy_was_trained_with(assets):
     assert ppo.build_prompts(data, plain, "text", 3, 3, seed=0)[0].tolist() == plain(texts[0])["input_ids"][:3]
 
 
-@pytest.mark.parametrize("column", ["messages", "prompt"])
-def test_chat_prompts_and_the_reward_model_reads_the_conversation(assets, tmp_path, monkeypatch, column):
+@pytest.mark.parametrize("column, reward_template", [("messages", False), ("prompt", False), ("messages", True)])
+def test_chat_prompts_and_the_reward_model_reads_the_conversation(assets, tmp_path, monkeypatch, column,
+                                                                  reward_template):
     """A dataset of chat messages, or a prompt column of texts with --chat-prompts (each text the user's one turn):
     prompts are rendered with the tokenizer's chat template and its generation prompt (whole, as sft.py trains
     chats), and the reward model reads the conversation with the response as the assistant's turn (what reward.py
-    trains on chat pairs), rendered with its own template or, lacking one, the policy's."""
-    from conftest import chat_policy
+    trains on chat pairs), rendered with its own template (turns ending in "#" here) or, lacking one, the policy's
+    (turns ending in "|")."""
+    from conftest import chat_policy, chat_template
     from utils.assets import write_jsonl
     from utils.rewards import RewardModel
 
     model_dir, _ = chat_policy(assets, tmp_path / "chat_policy", turn_end="|")
+    reward_dir, end = assets / "reward", "|"
+    if reward_template:
+        reward_dir, end = Path(shutil.copytree(assets / "reward", tmp_path / "reward_chat")), "#"
+        tok = AutoTokenizer.from_pretrained(reward_dir)
+        tok.chat_template = chat_template(turn_end="#")
+        tok.save_pretrained(reward_dir)
     topics = ["a comedy", "a thriller", "a cartoon", "a documentary"]
     rows = [{"messages": [{"role": "user", "content": f"Review {t}."}], "prompt": f"Review {t}."} for t in topics]
     write_jsonl(tmp_path / "chats.jsonl", [{column: row[column]} for row in rows])
     seen = []
     real_call = RewardModel.__call__
     monkeypatch.setattr(RewardModel, "__call__", lambda self, texts, n: seen.extend(texts) or real_call(self, texts, n))
-    ppo.main(tiny_args(assets, tmp_path, model=str(model_dir), dataset=str(tmp_path / "chats.jsonl"),
-                       dataset_text_field=column, chat_prompts=column == "prompt", prompt_max_tokens=64,
-                       total_episodes=8, sample_every=1))
+    ppo.main(tiny_args(assets, tmp_path, model=str(model_dir), reward_model=str(reward_dir),
+                       dataset=str(tmp_path / "chats.jsonl"), dataset_text_field=column,
+                       chat_prompts=column == "prompt", prompt_max_tokens=64, total_episodes=8, sample_every=1))
     samples = read_metrics(tmp_path / "run/samples.jsonl")
     assert {s["prompt"] for s in samples} <= {f"<user>Review {t}.|<assistant>" for t in topics}
-    assert len(seen) == 8 and all(text.startswith("<user>Review ") and text.endswith("|") for text in seen)
+    assert len(seen) == 8 and all(text.startswith("<user>Review ") and text.endswith(end) for text in seen)
     sample = samples[0]
-    assert sample["prompt"].replace("<assistant>", "") + f"<assistant>{sample['response']}|" in seen
+    assert sample["prompt"].replace("|<assistant>", end) + f"<assistant>{sample['response']}{end}" in seen
