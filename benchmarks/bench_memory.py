@@ -3,7 +3,8 @@
 LoRA over a bfloat16 base, activation checkpointing, LoRA over a 4-bit or 8-bit base (--quantize, bitsandbytes);
 and, for PPO only, a reference that shares the policy's embeddings and first half or all of its blocks
 (--ref-shared-layers: those then do not train, so they also need no gradients or Adam state) or waits on the CPU
-(--ref-offload: saves GPU memory only; on a CPU-only run the CPU is the device, nothing moves and nothing is saved).
+(--ref-offload: saves GPU memory only; on a CPU-only run the CPU is the device, nothing moves and nothing is saved),
+or is frozen in bfloat16 beside a float32 policy, as --dtype auto loads it on a bf16 GPU (on any device here).
 
     python benchmarks/bench_memory.py --out runs/bench_memory            # CPU: peak RSS of each process
     python benchmarks/bench_memory.py --sizes small --device cuda        # GPU: peak CUDA memory allocated
@@ -12,7 +13,7 @@ and, for PPO only, a reference that shares the policy's embeddings and first hal
 Each cell is a fresh process running the script as a user would (a small batch: what changes between the rows
 is the weights, gradients, Adam state and activations); the figure is the script's own perf/peak_memory_mb (on CPU
 the process's peak resident memory, so it includes Python, torch and transformers, about 0.5 GB; on CUDA the peak
-allocated by torch). 4-bit base weights (QLoRA) are not measured: bitsandbytes is not a dependency yet.
+allocated by torch).
 """
 
 import argparse
@@ -31,7 +32,14 @@ VARIANTS = {"float32": [], "bfloat16 (--dtype)": ["--dtype", "bfloat16"], "LoRA 
 # PPO only (sft.py has no reference model): flags of a model shape
 PPO_VARIANTS = {"ref shared: half the blocks": lambda shape: ["--ref-shared-layers", shape["n_layer"] // 2],
                 "ref shared: all the blocks": lambda shape: ["--ref-shared-layers", shape["n_layer"]],
-                "ref offload": lambda shape: ["--ref-offload"]}
+                "ref offload": lambda shape: ["--ref-offload"],
+                "bf16 frozen models (auto on a GPU)": lambda shape: []}
+# --dtype auto as on a bf16 GPU (the policy float32, the reference and reward model bfloat16), on any device: the
+# script runs under this wrapper, which makes utils.models.weights_dtype pick bfloat16 for frozen weights
+GPU_AUTO = ("import runpy, sys, torch, utils.models as m; pick = m.weights_dtype; "
+            "m.weights_dtype = lambda name, device, trained=True: torch.bfloat16 if name == 'auto' and not trained "
+            "else pick(name, device, trained); sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def build_model(tokenizer_dir: Path, out: Path, shape: dict) -> int:
@@ -53,9 +61,10 @@ def build_model(tokenizer_dir: Path, out: Path, shape: dict) -> int:
     return n_params
 
 
-def peak_mb(cmd: list, out: Path, device: str) -> float:
-    """Run one of our scripts; the largest perf/peak_memory_mb it logged."""
-    proc = subprocess.run([sys.executable, *map(str, cmd), "--device", device, "--output-dir", out, "--overwrite"],
+def peak_mb(cmd: list, out: Path, device: str, gpu_auto: bool = False) -> float:
+    """Run one of our scripts (gpu_auto: under GPU_AUTO); the largest perf/peak_memory_mb it logged."""
+    python = [sys.executable, "-c", GPU_AUTO] if gpu_auto else [sys.executable]
+    proc = subprocess.run([*python, *map(str, cmd), "--device", device, "--output-dir", out, "--overwrite"],
                           cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed:\n{proc.stderr[-2000:]}")
@@ -83,7 +92,7 @@ def main():
             ppo = peak_mb(["ppo.py", "--model", model, "--reward-model", tiny / "reward", "--dataset",
                            tiny / "prompts.jsonl", "--total-episodes", 8, "--batch-size", 8, "--mini-batch-size", 8,
                            "--response-length", 32, "--stop-token", "none", "--sample-every", 0, "--save-every",
-                           10_000, *flags], out / "ppo", a.device)
+                           10_000, *flags], out / "ppo", a.device, gpu_auto=name.startswith("bf16 frozen"))
             sft = peak_mb(["sft.py", "--model", model, "--dataset", tiny / "prompts.jsonl", "--packing",
                            "--max-seq-length", 256, "--batch-size", 4, "--max-steps", 2, "--eval-fraction", 0,
                            "--save-every", 10_000, *flags], out / "sft", a.device) if name in VARIANTS else None
