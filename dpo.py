@@ -70,7 +70,7 @@ class Args:
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: policy fp32 (bf16 autocast on CUDA), reference and LoRA base bf16 on CUDA; else every model in it"""
+    """auto: policy fp32 (bf16 autocast on CUDA); reference and LoRA base bf16 on a bf16 GPU; or one dtype for all"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower"""
 

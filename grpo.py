@@ -72,7 +72,7 @@ class Args:
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: policy fp32 (bf16 autocast on CUDA), reference, reward model, LoRA base bf16 on CUDA; else all in it"""
+    """auto: policy fp32 (bf16 autocast on CUDA); reference, reward model, LoRA base bf16 on a bf16 GPU; or one dtype"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower"""
     dataset: str = "openai/gsm8k"

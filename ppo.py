@@ -81,7 +81,7 @@ class Args:
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: policy fp32 (bf16 autocast on CUDA), reference, reward model, LoRA base bf16 on CUDA; else all in it"""
+    """auto: policy fp32 (bf16 autocast on CUDA); reference, reward model, LoRA base bf16 on a bf16 GPU; or one dtype"""
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory, ~30% slower"""
     ref_shared_layers: int = 0
@@ -95,7 +95,7 @@ class Args:
     dataset_text_field: str = "text"
     """column of texts whose first tokens become prompts (nested: prompt.text) or of chat messages (whole prompts)"""
     chat_prompts: bool = False
-    """each text of that column is a whole prompt: one user message, rendered as chat messages are (chat template)"""
+    """each text of that column is a whole prompt, the user's one message, rendered as chat messages are"""
     prompt_min_tokens: int = 2
     """shortest prompt (tokens); each prompt's length is drawn uniformly in [min, max]"""
     prompt_max_tokens: int = 8
@@ -599,8 +599,14 @@ def load_inputs(args: Args):
     tokenizer = from_pretrained(AutoTokenizer, args.model, "--model", trust_remote_code=args.trust_remote_code)
     check_tokenizer(tokenizer, config, "--model")  # no id past the embedding; pads with EOS if it has no pad token
     dataset, field, conversations = load_dataset(args.dataset, args.dataset_split), args.dataset_text_field, None
-    if args.chat_prompts and field in dataset.column_names and len(dataset) and isinstance(dataset[0][field], str):
-        dataset = dataset.map(lambda row: {field: [{"role": "user", "content": row[field]}]})  # the user's one turn
+    if args.chat_prompts:  # each text becomes the user's one message
+        texts = dataset[field] if field in dataset.column_names else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise UserError(f"--chat-prompts needs --dataset-text-field {field!r} to be a column of texts (the "
+                            f"columns: {dataset.column_names}); a column of chat messages needs no flag")
+        if tokenizer.chat_template is None:
+            raise UserError("--chat-prompts: the tokenizer of --model has no chat template")
+        dataset = dataset.map(lambda row: {field: [{"role": "user", "content": row[field]}]})
     if field in dataset.column_names and len(dataset) and isinstance(dataset[0][field], list):  # chat messages
         # whole conversations with the chat template's generation prompt (as sft.py trains chats); too long: dropped
         prompts, kept = render_prompts(dataset, tokenizer, field, args.prompt_max_tokens,

@@ -65,7 +65,7 @@ class Args:
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: fp32 weights (bf16 autocast on CUDA), a LoRA base bf16 on CUDA; else all weights (and Adam) in it"""
+    """auto: fp32 weights (bf16 autocast on CUDA), a LoRA base bf16 on a bf16 GPU; or one dtype (LoRA adapters fp32)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~30% slower"""
     share_prefix: bool = True
@@ -550,7 +550,7 @@ def main(args: Args):
     check_paths(("--model", args.model), ("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset))
     scheduled = args.lr_scheduler != "constant" or args.warmup_ratio > 0  # the schedule depends on the length
     resume_from = prepare_output_dir(args, is_main, length_flags=("max_steps", "num_epochs"), scheduled=scheduled,
-                                     may_change=("eval_every",))
+                                     may_change=("eval_every",), before_flags={"disable_dropout": False})
     out_dir, ckpt_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
 
     # Tokenizer, config, data, then the model
@@ -567,7 +567,7 @@ def main(args: Args):
     with torch.random.fork_rng(devices=[]):  # the fresh head's init depends on --seed only: the same on every rank
         torch.manual_seed(args.seed)
         model = load_model(args, tokenizer, device, verbose=is_main, config=config)
-    # Dropout as the model's config sets it during training (model.train(), as the usual recipe); off in eval.
+    # Train mode: dropout (the config's, with --no-disable-dropout; LoRA's always) in training, off in evaluation.
     model.train()
     args.num_steps = args.max_steps or math.ceil(args.num_epochs * len(train_pairs) / args.batch_size)
     warmup_steps = round(args.warmup_ratio * args.num_steps)
@@ -629,8 +629,8 @@ def main(args: Args):
     bar = tqdm(range(start_step, args.num_steps), desc="reward", initial=start_step,
                total=args.num_steps, dynamic_ncols=True, disable=not is_main)
     for step in bar:
-        # Each step seeds its dropout from (seed, step, rank): a resumed run draws exactly what an uninterrupted
-        # one would, with no RNG state to save, and the processes draw different masks.
+        # Each step seeds its dropout (--no-disable-dropout, LoRA's) from (seed, step, rank): a resumed run draws
+        # exactly what an uninterrupted one would, with no RNG state to save, and the processes draw different masks.
         torch.manual_seed(args.seed + 100_000 * step + rank)
         start = time.perf_counter()
         lr = learning_rate_at(step, args.num_steps, warmup_steps, args.learning_rate, args.lr_scheduler)

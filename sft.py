@@ -73,7 +73,7 @@ class Args:
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (runs that code!)"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: fp32 weights (bf16 autocast on CUDA), a LoRA base bf16 on CUDA; else all weights (and Adam) in it"""
+    """auto: fp32 weights (bf16 autocast on CUDA), a LoRA base bf16 on a bf16 GPU; or one dtype (LoRA adapters fp32)"""
     attn_implementation: Optional[str] = None
     """attention kernel: sdpa, eager, flash_attention_2, ... (None: transformers' choice)"""
     gradient_checkpointing: bool = False

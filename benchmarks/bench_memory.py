@@ -29,17 +29,13 @@ VARIANTS = {"float32": [], "bfloat16 (--dtype)": ["--dtype", "bfloat16"], "LoRA 
             "activation checkpointing": ["--gradient-checkpointing"],
             "LoRA r=16, 4-bit base": ["--lora-r", "16", "--quantize", "4bit"],
             "LoRA r=16, 8-bit base": ["--lora-r", "16", "--quantize", "8bit"]}
-# PPO only (sft.py has no reference model): flags of a model shape
+# PPO only (sft.py has no reference model): flags of a model shape. GPU_AUTO: --dtype auto as on a bf16 GPU (the
+# policy float32, the reference and reward model bfloat16) on any device, through run_as_on_a_bf16_gpu
+GPU_AUTO = "bf16 frozen models (auto on a GPU)"
 PPO_VARIANTS = {"ref shared: half the blocks": lambda shape: ["--ref-shared-layers", shape["n_layer"] // 2],
                 "ref shared: all the blocks": lambda shape: ["--ref-shared-layers", shape["n_layer"]],
                 "ref offload": lambda shape: ["--ref-offload"],
-                "bf16 frozen models (auto on a GPU)": lambda shape: []}
-# --dtype auto as on a bf16 GPU (the policy float32, the reference and reward model bfloat16), on any device: the
-# script runs under this wrapper, which makes utils.models.weights_dtype pick bfloat16 for frozen weights
-GPU_AUTO = ("import runpy, sys, torch, utils.models as m; pick = m.weights_dtype; "
-            "m.weights_dtype = lambda name, device, trained=True: torch.bfloat16 if name == 'auto' and not trained "
-            "else pick(name, device, trained); sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
+                GPU_AUTO: lambda shape: []}
 
 
 def build_model(tokenizer_dir: Path, out: Path, shape: dict) -> int:
@@ -61,9 +57,28 @@ def build_model(tokenizer_dir: Path, out: Path, shape: dict) -> int:
     return n_params
 
 
+def run_as_on_a_bf16_gpu(script: str, argv: list):
+    """Run `script` with `argv` as its command line in this process, with utils.models.weights_dtype picking for
+    --dtype auto as on a bf16 GPU: bfloat16 for frozen weights (patched before the script imports it)."""
+    import runpy
+
+    import torch
+
+    import utils.models
+
+    pick = utils.models.weights_dtype
+
+    def as_on_a_bf16_gpu(name, device, trained=True):
+        return torch.bfloat16 if name == "auto" and not trained else pick(name, device, trained)
+
+    utils.models.weights_dtype = as_on_a_bf16_gpu
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
 def peak_mb(cmd: list, out: Path, device: str, gpu_auto: bool = False) -> float:
-    """Run one of our scripts (gpu_auto: under GPU_AUTO); the largest perf/peak_memory_mb it logged."""
-    python = [sys.executable, "-c", GPU_AUTO] if gpu_auto else [sys.executable]
+    """Run one of our scripts (gpu_auto: through run_as_on_a_bf16_gpu); the largest perf/peak_memory_mb it logged."""
+    python = [sys.executable, __file__, "--run-as-on-a-bf16-gpu"] if gpu_auto else [sys.executable]
     proc = subprocess.run([*python, *map(str, cmd), "--device", device, "--output-dir", out, "--overwrite"],
                           cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -92,7 +107,7 @@ def main():
             ppo = peak_mb(["ppo.py", "--model", model, "--reward-model", tiny / "reward", "--dataset",
                            tiny / "prompts.jsonl", "--total-episodes", 8, "--batch-size", 8, "--mini-batch-size", 8,
                            "--response-length", 32, "--stop-token", "none", "--sample-every", 0, "--save-every",
-                           10_000, *flags], out / "ppo", a.device, gpu_auto=name.startswith("bf16 frozen"))
+                           10_000, *flags], out / "ppo", a.device, gpu_auto=name == GPU_AUTO)
             sft = peak_mb(["sft.py", "--model", model, "--dataset", tiny / "prompts.jsonl", "--packing",
                            "--max-seq-length", 256, "--batch-size", 4, "--max-steps", 2, "--eval-fraction", 0,
                            "--save-every", 10_000, *flags], out / "sft", a.device) if name in VARIANTS else None
@@ -104,4 +119,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--run-as-on-a-bf16-gpu"]:  # a cell of the GPU_AUTO row (see peak_mb)
+        sys.path.insert(0, str(ROOT))
+        run_as_on_a_bf16_gpu(sys.argv[2], sys.argv[3:])
+    else:
+        main()

@@ -509,7 +509,7 @@ def compare_supervised(a, work: Path, task: str):
                            seed=a.seed, threads=a.threads, batch_size=a.batch_size, steps=a.steps,
                            max_seq_length=a.max_seq_length, learning_rate=a.learning_rate, max_grad_norm=1.0,
                            max_examples=len(records), packing=False, beta=0.1,
-                           disable_dropout="--no-disable-dropout" not in a.extra)  # reward: as ours
+                           disable_dropout="--no-disable-dropout" not in a.extra.split())  # reward: as ours
                 cfg_path, result_path = work / f"{task}-trl-{r}.json", work / f"{task}-trl-{r}.result.json"
                 cfg_path.write_text(json.dumps(cfg))
                 child = run_child([a.trl_python, str(TRL_RUNNER), str(cfg_path), str(result_path)],
@@ -663,7 +663,8 @@ def main():
     p.add_argument("--grpo-task", default=None, help="grpo: an arithmetic task folder with sft/ (else built)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; off to match ours")
     p.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="python of the TRL venv")
-    p.add_argument("--extra", default="", help="extra ppo.py flags (our side only), e.g. '--lora-r 8'")
+    p.add_argument("--extra", default="", help="extra flags of our script (our side only, e.g. '--lora-r 8'; "
+                   "reward: --no-disable-dropout turns dropout on for both sides)")
     p.add_argument("--assets", default=str(ROOT / "tiny"))
     p.add_argument("--policy", default=None, help="sft/reward/dpo: the model (default: the assets' tiny/policy); "
                    "e.g. a folder saved by utils.assets.build_policy with other sizes")

@@ -122,8 +122,12 @@ def test_auto_on_a_gpu_freezes_the_reference_and_reward_model_in_bfloat16(assets
     policy, _, ref_lm = module.make_policy(module.check_args(make()), CPU, None)
     assert {p.dtype for p in policy.parameters()} == F32 and {p.dtype for p in ref_lm.parameters()} == BF16
     loaded, real_reward_model = [], getattr(module, "RewardModel", None)  # the RL scripts' reward model
-    monkeypatch.setattr(module, "RewardModel", lambda *a, **k: loaded.append(real_reward_model(*a, **k)) or loaded[-1],
-                        raising=False)
+
+    def reward_model(*args, **kwargs):
+        loaded.append(real_reward_model(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(module, "RewardModel", reward_model, raising=False)
     metrics = [json.loads(line) for line in open(module.main(make()))]
     assert metrics and finite(metrics), metrics
     assert [{p.dtype for p in r.model.parameters()} for r in loaded] == ([] if script == "dpo" else [BF16])

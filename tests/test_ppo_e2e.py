@@ -207,7 +207,25 @@ def test_prompts_keep_the_bos_token_the_policy_was_trained_with(assets):
     assert ppo.build_prompts(data, plain, "text", 3, 3, seed=0)[0].tolist() == plain(texts[0])["input_ids"][:3]
 
 
-@pytest.mark.parametrize("column, reward_template", [("messages", False), ("prompt", False), ("messages", True)])
+def test_chat_prompts_refuses_what_it_cannot_render(assets, tmp_path):
+    """--chat-prompts needs a column of texts (not nested, not messages, no missing text) and a chat template."""
+    from conftest import chat_policy
+    from utils.assets import write_jsonl
+    from utils.hub import UserError
+
+    model_dir, _ = chat_policy(assets, tmp_path / "chat_policy")
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Review a comedy.", "messages": [{"role": "user", "content": "Hi"}],
+                                          "nested": {"text": "Hi"}}, {"prompt": None, "messages": [], "nested": {}}])
+    for field in ("prompt", "messages", "nested.text", "missing"):
+        with pytest.raises(UserError, match=f"--chat-prompts needs --dataset-text-field '{field}' to be a column of"):
+            ppo.load_inputs(tiny_args(assets, tmp_path, model=str(model_dir), dataset=str(tmp_path / "bad.jsonl"),
+                                      dataset_text_field=field, chat_prompts=True))
+    with pytest.raises(UserError, match="--chat-prompts: the tokenizer of --model has no chat template"):
+        ppo.load_inputs(tiny_args(assets, tmp_path, dataset=str(assets / "prompts.jsonl"), chat_prompts=True))
+
+
+@pytest.mark.parametrize("column, reward_template", [("messages", False), ("prompt", False), ("messages", True),
+                                                     ("prompt", True)])
 def test_chat_prompts_and_the_reward_model_reads_the_conversation(assets, tmp_path, monkeypatch, column,
                                                                   reward_template):
     """A dataset of chat messages, or a prompt column of texts with --chat-prompts (each text the user's one turn):

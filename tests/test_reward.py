@@ -511,15 +511,32 @@ def test_dropout_is_off_by_default_and_lora_keeps_its_own(assets):
         return {m.p for name, m in model.named_modules()
                 if isinstance(m, torch.nn.Dropout) and ("lora_dropout" in name) == lora}
 
+    def scores(model, train: bool):
+        model.train(train)
+        return torch.cat(reward.pair_rewards(model, pairs, tok.pad_token_id, CPU)[:2])
+
     off, on = load(), load(disable_dropout=False)
     assert dropouts(off, lora=False) == {0.0} and dropouts(on, lora=False) == {0.1}
-    scores = lambda model: torch.cat(reward.pair_rewards(model, pairs, tok.pad_token_id, CPU)[:2])  # noqa: E731
-    off.eval(), on.eval()
-    evaluation = scores(off)
-    assert torch.equal(scores(on), evaluation)  # same weights (same seed): only dropout differs
-    off.train(), on.train()
-    assert torch.allclose(scores(off), evaluation) and not torch.allclose(scores(on), evaluation)
+    evaluation = scores(off, train=False)
+    assert torch.equal(scores(on, train=False), evaluation)  # same weights (same seed): only dropout differs
+    assert torch.allclose(scores(off, train=True), evaluation)
+    assert not torch.allclose(scores(on, train=True), evaluation)
     assert dropouts(load(lora_r=2, lora_dropout=0.05), lora=True) == {0.05}
+
+
+def test_resuming_a_run_saved_before_disable_dropout_keeps_its_dropout(assets, tmp_path, pairs_file):
+    """A run saved before --disable-dropout existed (its args.json lacks it) trained with dropout on: resuming it with
+    today's default would turn dropout off halfway, so it is refused, naming the flag; with the run's own setting it
+    resumes."""
+    reward.main(tiny_args(assets, tmp_path, pairs_file, max_steps=2, disable_dropout=False))
+    args_json = tmp_path / "run" / "args.json"
+    args_json.write_text(json.dumps({k: v for k, v in json.loads(args_json.read_text()).items()
+                                     if k != "disable_dropout"}))  # as saved before the flag
+    with pytest.raises(reward.UserError, match="--resume with flags that change the result: --disable-dropout "
+                                               "False -> True"):
+        reward.main(tiny_args(assets, tmp_path, pairs_file, max_steps=4, resume=True))
+    reward.main(tiny_args(assets, tmp_path, pairs_file, max_steps=4, resume=True, disable_dropout=False))
+    assert [json.loads(row)["step"] for row in open(tmp_path / "run" / "metrics.jsonl")][-1] == 4
 
 
 def test_resume_after_a_crash_continues_exactly(assets, tmp_path, pairs_file, monkeypatch):

@@ -173,7 +173,7 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "output_dir", "save_every", "track",
 
 
 def prepare_output_dir(args, is_main: bool, length_flags: tuple = (), scheduled: bool = False,
-                       may_change: tuple = ()) -> Optional[Path]:
+                       may_change: tuple = (), before_flags: Optional[dict] = None) -> Optional[Path]:
     """Check --output-dir before anything loads, and protect the run it may hold. Returns the checkpoint to resume
     from (None: start from scratch).
     - an existing file, or a folder that cannot be written to: refused;
@@ -182,7 +182,9 @@ def prepare_output_dir(args, is_main: bool, length_flags: tuple = (), scheduled:
     - --resume with flags that change the result (anything but RESUME_MAY_CHANGE, the run's length
       `length_flags` and the script's `may_change`): refused, naming them. Derived fields (tyro.conf.Suppress) are
       not compared. A longer (or shorter) run changes nothing done so far: allowed; when a learning-rate schedule
-      depends on the length (`scheduled`), one warning line says the steps to come follow the new schedule."""
+      depends on the length (`scheduled`), one warning line says the steps to come follow the new schedule.
+      before_flags: {field: value} for flags added since older runs were saved, whose args.json lacks them: the
+      value those runs had (e.g. reward.py's disable_dropout: False), compared like a saved one."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is an existing file, not a folder")
@@ -211,7 +213,7 @@ def prepare_output_dir(args, is_main: bool, length_flags: tuple = (), scheduled:
     if not args.resume:
         return None
     if (out / "args.json").exists():
-        saved = json.loads((out / "args.json").read_text())
+        saved = {**(before_flags or {}), **json.loads((out / "args.json").read_text())}
         changed = changed_flags(args, saved, RESUME_MAY_CHANGE + tuple(length_flags) + tuple(may_change))
         if changed:
             raise UserError(f"--resume with flags that change the result: {'; '.join(changed)}. Rerun with the "
