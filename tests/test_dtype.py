@@ -112,25 +112,31 @@ def pretend_bf16_gpu(monkeypatch, module):
 def test_auto_on_a_gpu_freezes_the_reference_and_reward_model_in_bfloat16(assets, tmp_path, files, monkeypatch,
                                                                           script):
     """--dtype auto on a bf16 GPU: the policy trains in float32, its frozen reference copy (and the reward model)
-    load in bfloat16; and a run in those mixed dtypes trains (on the CPU, with no autocast to cast between them)."""
-    module, make = {"ppo": (ppo, lambda **kw: ppo_args(assets, tmp_path, total_episodes=8, **kw)),
-                    "ppo_seq2seq": (ppo_seq2seq, lambda **kw: s2s_args(assets, tmp_path, total_episodes=8, **kw)),
-                    "grpo": (grpo, lambda **kw: grpo_args(assets, tmp_path, num_steps=2, beta=0.1,
-                                                           reward_model=str(assets / "reward"), **kw)),
-                    "dpo": (dpo, lambda **kw: dpo_args(assets, files, tmp_path, max_steps=2, **kw))}[script]
+    load in bfloat16; and a run in those mixed dtypes trains (on the CPU, with no autocast to cast between them).
+    The models are those the run builds (make_policy and RewardModel, recorded as they return)."""
+    module, args = {"ppo": (ppo, ppo_args(assets, tmp_path, total_episodes=8)),
+                    "ppo_seq2seq": (ppo_seq2seq, s2s_args(assets, tmp_path, total_episodes=8)),
+                    "grpo": (grpo, grpo_args(assets, tmp_path, num_steps=2, beta=0.1,
+                                             reward_model=str(assets / "reward"))),
+                    "dpo": (dpo, dpo_args(assets, files, tmp_path, max_steps=2))}[script]
     pretend_bf16_gpu(monkeypatch, module)
-    policy, _, ref_lm = module.make_policy(module.check_args(make()), CPU, None)
-    assert {p.dtype for p in policy.parameters()} == F32 and {p.dtype for p in ref_lm.parameters()} == BF16
-    loaded, real_reward_model = [], getattr(module, "RewardModel", None)  # the RL scripts' reward model
+    built = {}
 
-    def reward_model(*args, **kwargs):
-        loaded.append(real_reward_model(*args, **kwargs))
-        return loaded[-1]
+    def record(name, make):
+        def made(*a, **k):
+            built[name] = make(*a, **k)
+            return built[name]
+        monkeypatch.setattr(module, name, made)
 
-    monkeypatch.setattr(module, "RewardModel", reward_model, raising=False)
-    metrics = [json.loads(line) for line in open(module.main(make()))]
+    record("make_policy", module.make_policy)
+    if script != "dpo":  # the RL scripts' reward model
+        record("RewardModel", module.RewardModel)
+    metrics = [json.loads(line) for line in open(module.main(args))]
     assert metrics and finite(metrics), metrics
-    assert [{p.dtype for p in r.model.parameters()} for r in loaded] == ([] if script == "dpo" else [BF16])
+    policy, _, ref_lm = built["make_policy"]
+    assert {p.dtype for p in policy.parameters()} == F32 and {p.dtype for p in ref_lm.parameters()} == BF16
+    if script != "dpo":
+        assert {p.dtype for p in built["RewardModel"].model.parameters()} == BF16
     assert saved_dtypes(tmp_path / "run") == F32
 
 
